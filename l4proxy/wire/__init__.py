@@ -47,6 +47,7 @@ from ._events import (
 )
 from ._schema import OPS, BodyKind, OpSpec, ResourceKind, ResourceUse, resources
 from ._state import ConnState, StreamState
+from ._util import connection_error_frame
 
 __all__ = [
     "DEFAULT_MAX_CONTROL_SIZE",
@@ -95,6 +96,7 @@ __all__ = [
     "Secret",
     "StreamState",
     "Welcome",
+    "connection_error_frame",
     "negotiate_limits",
     "resources",
 ]
