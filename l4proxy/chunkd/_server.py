@@ -22,7 +22,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,7 +157,10 @@ async def serve(config: ChunkdConfig, *,
         task_status.started(addresses)
 
         async def handler(stream: trio.abc.Stream) -> None:
-            await _Session(service, stream).run()
+            try:
+                await _Session(service, stream).run()
+            except Exception:  # a bug in one session must not take the service down
+                log.exception("session crashed")
 
         await trio.serve_listeners(handler, listeners)
     finally:
@@ -244,16 +247,21 @@ class _Session:
             return
         svc.connections += 1
         try:
-            await self._run()
+            await self._guarded(self._run)
+        finally:
+            svc.connections -= 1
+            await trio.aclose_forcefully(self.stream)
+
+    async def _guarded(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn``; expected ways for a session to end are handled here, not raised."""
+        try:
+            await fn()
         except RemoteProtocolError as exc:
             await self._protocol_error(exc)
         except _Closing as exc:
             log.debug("session %s closing: %s", self.session_id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
             log.debug("session %s: transport closed: %s", self.session_id, type(exc).__name__)
-        finally:
-            svc.connections -= 1
-            await trio.aclose_forcefully(self.stream)
 
     async def _run(self) -> None:
         try:
@@ -279,9 +287,16 @@ class _Session:
         log.info("session %s: client %r authenticated as key %r", self.session_id,
                  hello.client[:64], key.name)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._worker)
+
+            async def worker() -> None:
+                try:
+                    await self._guarded(self._worker)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(worker)
             try:
-                await self._reader()
+                await self._guarded(self._reader)
             finally:
                 nursery.cancel_scope.cancel()
 
