@@ -89,7 +89,8 @@ class ChunkdProcess:
         return f"{self.host}:{self.port}"
 
 
-def spawn_chunkd(tmp_path: Path, args: list[str], *, timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], int]:
+def spawn_chunkd(tmp_path: Path, args: list[str], *,
+                 timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``chunkd`` as a subprocess on port 0 and wait (bounded) for its port."""
     port_file = tmp_path / f"chunkd-{secrets.token_hex(4)}.port"
     proc = subprocess.Popen(

@@ -15,11 +15,10 @@ import pytest
 import trio
 
 from l4proxy.chunkd import ChunkdConfigError, load_key_file, load_keys_toml
-from l4proxy.client import ChunkClient, ClientError, ConnectionFailed, RequestFailed
+from l4proxy.client import ClientError, ConnectionFailed, RequestFailed
 from l4proxy.wire import (
     NEED_DATA,
     Access,
-    Cancel,
     Connection,
     ConnectionClosed,
     Data,
@@ -146,7 +145,7 @@ access = ["read", "write", "admin"]
 
 [[keys]]
 name = "logs-reader"
-key_sha256 = "%s"
+key_sha256 = "READER_SHA"
 buckets = ["logs-*"]
 access = ["read"]
 
@@ -155,7 +154,7 @@ name = "events-writer"
 key = "writer-secret-3"
 tables = ["events"]
 access = ["write"]
-""" % hashlib.sha256(b"reader-secret-2").hexdigest())
+""".replace("READER_SHA", hashlib.sha256(b"reader-secret-2").hexdigest()))
 
 
 async def test_scoped_keys(nursery: trio.Nursery, tmp_path: Path, scoped_keys: Path) -> None:
@@ -294,10 +293,10 @@ class RawClient:
         self.stream = stream
         self.conn = Connection(Role.CLIENT)
 
-    async def events(self, timeout: float = 5.0) -> list[Event]:
-        """Read until the server closes; return every event."""
+    async def events(self) -> list[Event]:
+        """Read (for at most 5 s) until the server closes; return every event."""
         out: list[Event] = []
-        with trio.fail_after(timeout):
+        with trio.fail_after(5):
             while True:
                 event = self.conn.next_event()
                 if event is NEED_DATA:

@@ -16,7 +16,8 @@ import l4proxy.wire
 
 @pytest.mark.parametrize("module", ["l4proxy.wire", "replay", "replay.cli", "l4proxy.chunking"])
 def test_sans_io_modules_never_import_trio(module: str) -> None:
-    code = f"import sys, {module}; assert 'trio' not in sys.modules, sorted(m for m in sys.modules if 'trio' in m)"
+    code = (f"import sys, {module}; "
+            "assert 'trio' not in sys.modules, sorted(m for m in sys.modules if 'trio' in m)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stderr

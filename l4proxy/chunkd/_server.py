@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 import trio
@@ -150,8 +150,8 @@ async def serve(config: ChunkdConfig, *,
             listeners = [trio.SSLListener(ln, ctx, https_compatible=False) for ln in listeners]
         addresses = []
         for ln in listeners:
-            inner: trio.SocketListener = (ln.transport_listener if isinstance(ln, trio.SSLListener)
-                                          else ln)
+            inner = cast(trio.SocketListener,
+                         ln.transport_listener if isinstance(ln, trio.SSLListener) else ln)
             addr = inner.socket.getsockname()
             addresses.append((addr[0], addr[1]))
         log.info("chunkd listening on %s (tls=%s, keys=%d)",
