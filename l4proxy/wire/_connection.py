@@ -128,6 +128,8 @@ def _check_limits(limits: Limits | RequestedLimits) -> str | None:
         return f"max_control_size must be {MIN_CONTROL_SIZE}..max_frame_payload"
     if mp is not None and not 1 <= mp <= MAX_PENDING_CEILING:
         return f"max_pending must be 1..{MAX_PENDING_CEILING}"
+    if isinstance(limits, Limits) and limits.max_hold_seconds < 0:
+        return "max_hold_seconds must be >= 0"
     return None
 
 
@@ -140,7 +142,13 @@ def negotiate_limits(requested: RequestedLimits, offered: Limits) -> Limits:
 
     Returns:
         The negotiated :class:`Limits`, always within the protocol's floors.
+
+    Raises:
+        ValueError: ``requested`` or ``offered`` is outside what CWP/1 allows.
     """
+    problem = _check_limits(requested) or _check_limits(offered)
+    if problem:
+        raise ValueError(problem)
     fp = min(requested.max_frame_payload or offered.max_frame_payload, offered.max_frame_payload)
     cs = min(requested.max_control_size or offered.max_control_size, offered.max_control_size, fp)
     mp = min(requested.max_pending or offered.max_pending, offered.max_pending)
@@ -218,6 +226,7 @@ class Connection:
         self._aborted_uploads: deque[int] = deque(maxlen=_MAX_ABORTED)
         self._partial: _PartialData | None = None
         self._goaway_last: int | None = None
+        self._requested: RequestedLimits | None = None  # the HELLO's limits, once seen
         self._error: ProtocolError | None = None
 
     # --- introspection ---------------------------------------------------------------
@@ -355,9 +364,13 @@ class Connection:
         if last:
             self._partial = None
         rid = partial.request_id
+        if not partial.swallow and rid not in self._streams:
+            # our side finished the request (ERROR, or ERROR(0)) while this frame was
+            # arriving: drop the rest of it like any late body frame
+            partial.swallow = True
         if partial.swallow:
             if last and partial.end_stream:
-                self._aborted_uploads.remove(rid)
+                self._forget_aborted(rid)
             return _SWALLOWED
         end = last and partial.end_stream
         self._account_body(partial.sender, rid, n, end)
@@ -373,7 +386,11 @@ class Connection:
             self._fail(sender, f"unknown frame type 0x{raw_type:02x}")
         if reserved:
             self._fail(sender, f"{ftype.name}: reserved header bits are not zero")
-        allowed = _ALLOWED_FLAGS[ftype]
+        if not 0 <= rid <= MAX_REQUEST_ID:  # only reachable from send(): a u32 on the wire
+            self._fail(sender, f"{ftype.name}: request id {rid} is out of range")
+        # int(): ~ on an IntFlag only complements within the defined flags, so it would
+        # let unknown bits (0x04..0x80) through
+        allowed = int(_ALLOWED_FLAGS[ftype])
         if raw_flags & ~allowed:
             self._fail(sender, f"{ftype.name}: flags 0x{raw_flags:02x} not allowed")
         if ftype not in _SENDABLE[sender]:
@@ -395,7 +412,8 @@ class Connection:
                          f"{self.limits.max_control_size}", ErrorCode.FRAME_TOO_LARGE, rid)
         return ftype, FrameFlag(raw_flags)
 
-    def _decode(self, ftype: FrameType, flags: FrameFlag, rid: int, payload: bytes) -> Event:
+    def _decode(self, ftype: FrameType, flags: FrameFlag, rid: int,
+                payload: bytes) -> Event | _Swallowed:
         sender = self.their_role
         try:
             if ftype is FrameType.ROWS:
@@ -410,17 +428,21 @@ class Connection:
             self._remote(f"{ftype.name}: {exc}", request_id=rid)
         except SchemaError as exc:
             self._remote(f"{ftype.name}: {exc}", request_id=rid)
-        self._apply(sender, event, flags)
+        if not self._apply(sender, event, flags):
+            return _SWALLOWED
         return event
 
     def _control_event(self, ftype: FrameType, flags: FrameFlag, rid: int,
                        obj: dict[str, Any]) -> Event:
         """Build a control event from a decoded map (validating it). Raises SchemaError."""
+        if ftype in (FrameType.HELLO, FrameType.WELCOME):
+            # the version decides how the rest reads: check it before any other field
+            version = obj.get("version")
+            if type(version) is int and version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(f"unsupported protocol version {version}",
+                                          code=ErrorCode.UNSUPPORTED_VERSION)
         if ftype is FrameType.HELLO:
             m = HELLO(obj, "")
-            if m["version"] != PROTOCOL_VERSION:
-                raise RemoteProtocolError(f"unsupported protocol version {m['version']}",
-                                          code=ErrorCode.UNSUPPORTED_VERSION)
             lim = m.get("limits", {})
             key = m.get("api_key")
             return Hello(client=m["client"], version=m["version"],
@@ -428,9 +450,6 @@ class Connection:
                          limits=RequestedLimits(**lim))
         if ftype is FrameType.WELCOME:
             m = WELCOME(obj, "")
-            if m["version"] != PROTOCOL_VERSION:
-                raise RemoteProtocolError(f"unsupported protocol version {m['version']}",
-                                          code=ErrorCode.UNSUPPORTED_VERSION)
             sc = m["scope"]
             return Welcome(server=m["server"], session_id=m["session_id"], version=m["version"],
                            limits=Limits(**m["limits"]),
@@ -474,10 +493,7 @@ class Connection:
                           message=m["message"])
         if ftype is FrameType.NOTICE:
             m = NOTICE(obj, "")
-            try:
-                kind = NoticeKind(m["kind"])
-            except ValueError:
-                raise SchemaError("kind", f"unknown notice kind {m['kind']!r}") from None
+            kind = _notice_kind(m["kind"])
             return Notice(request_id=rid, kind=kind, message=m["message"],
                           approval_id=m.get("approval_id"), hold_seconds=m.get("hold_seconds"),
                           expires_at=m.get("expires_at"))
@@ -563,6 +579,10 @@ class Connection:
                         self._fail(sender, f"ROWS row {i} column {stream.columns[j].name!r}: "
                                            f"expected {stream.columns[j].type}, got "
                                            f"{type(cell).__name__}", request_id=rid)
+                    try:
+                        v_scalar(cell, f"rows[{i}][{j}]")  # integers: the i64 range
+                    except SchemaError as exc:
+                        self._fail(sender, f"ROWS {exc}", request_id=rid)
         else:
             arity = stream.upload_arity or 0
             for i, row in enumerate(rows):
@@ -575,8 +595,16 @@ class Connection:
                     except SchemaError as exc:
                         self._fail(sender, f"ROWS {exc}", request_id=rid)
 
-    def _apply(self, sender: Role, event: Event, flags: FrameFlag = FrameFlag.NONE) -> None:
-        """Run ``event`` (sent by ``sender``) through the state machine."""
+    def _forget_aborted(self, rid: int) -> None:
+        if rid in self._aborted_uploads:
+            self._aborted_uploads.remove(rid)
+
+    def _apply(self, sender: Role, event: Event, flags: FrameFlag = FrameFlag.NONE) -> bool:
+        """Run ``event`` (sent by ``sender``) through the state machine.
+
+        Returns False when the event is a late frame that is dropped (a body frame of an
+        upload already answered with ERROR, a CANCEL that crossed the final answer).
+        """
         if isinstance(event, Request):
             if sender is self.our_role and self._state is ConnState.DRAINING:
                 self._fail(sender, "no new requests after GOAWAY", request_id=event.request_id)
@@ -596,10 +624,10 @@ class Connection:
                 state = StreamState.AWAIT_HEAD
             else:
                 state = StreamState.AWAIT_RESULT
-            stream = _Stream(op=event.op, state=state)
-            if event.op is Op.INSERT:
+            stream = _Stream(op=spec.op, state=state)
+            if spec.op is Op.INSERT:
                 stream.upload_arity = len(event.args["columns"])
-            if event.op is Op.PUT and "size" in event.args:
+            if spec.op is Op.PUT and "size" in event.args:
                 stream.expected_size = event.args["size"]
             self._streams[rid] = stream
         elif isinstance(event, Data):
@@ -609,8 +637,8 @@ class Connection:
             swallow, new = self._check_body(sender, rid, BodyKind.ROWS, event.end_stream, 0)
             if swallow:
                 if event.end_stream:
-                    self._aborted_uploads.remove(rid)
-                return
+                    self._forget_aborted(rid)
+                return False
             stream = self._streams[rid]
             self._check_rows(sender, stream, rid, event.rows)
             assert new is not None
@@ -650,7 +678,8 @@ class Connection:
                 self._conn(sender, ConnEvent.ERROR_SESSION)
                 self._streams.clear()
                 self._uploading = None
-                return
+                self._aborted_uploads.clear()  # nothing more is accepted, not even late body
+                return True
             self._conn(sender, ConnEvent.STREAM_FRAME)
             stream, new = self._stream(sender, event.request_id, StreamEvent.ERROR)
             if stream.state is StreamState.UPLOADING:
@@ -658,7 +687,14 @@ class Connection:
             self._set_stream(event.request_id, stream, new)
         elif isinstance(event, Cancel):
             self._conn(sender, ConnEvent.STREAM_FRAME)
-            stream, new = self._stream(sender, event.request_id, StreamEvent.CANCEL)
+            rid = event.request_id
+            if (sender is self.their_role and rid not in self._streams
+                    and 0 < rid <= self._last_request_id):
+                # the client cancelled a request we already answered: the CANCEL crossed
+                # our RESULT/ERROR and is dropped
+                self._forget_aborted(rid)
+                return False
+            stream, new = self._stream(sender, rid, StreamEvent.CANCEL)
             if stream.cancelled:
                 self._fail(sender, f"request {event.request_id} was already cancelled",
                            request_id=event.request_id)
@@ -683,16 +719,27 @@ class Connection:
             if problem:
                 self._fail(sender, f"HELLO limits: {problem}")
             self._conn(sender, ConnEvent.HELLO)
+            self._requested = event.limits
         elif isinstance(event, Welcome):
+            if event.version != PROTOCOL_VERSION:
+                self._fail(sender, f"unsupported protocol version {event.version}",
+                           ErrorCode.UNSUPPORTED_VERSION)
             problem = _check_limits(event.limits)
             if problem:
                 self._fail(sender, f"WELCOME limits: {problem}")
             self._conn(sender, ConnEvent.WELCOME)
+            asked = self._requested
+            for name in ("max_frame_payload", "max_control_size", "max_pending"):
+                want = getattr(asked, name, None)
+                if want is not None and getattr(event.limits, name) > want:
+                    self._fail(sender, f"WELCOME {name}={getattr(event.limits, name)} is more "
+                                       f"than the HELLO asked for ({want})")
             self.limits = event.limits
             self.session_id = event.session_id
             self.scope = event.scope
         else:
             raise LocalProtocolError(f"not a CWP/1 event: {type(event).__name__}")
+        return True
 
     # --- sending -----------------------------------------------------------------------
 
@@ -741,7 +788,7 @@ class Connection:
                                             len(event.data))
             if swallow:
                 if event.end_stream:
-                    self._aborted_uploads.remove(rid)
+                    self._forget_aborted(rid)
                 return b""
             stream = self._streams[rid]
             stream.seen_size += len(event.data)
@@ -760,7 +807,7 @@ class Connection:
             self._check_header(us, FrameType.ROWS, int(flags), 0, rid, len(payload))
             if us is Role.CLIENT and rid in self._aborted_uploads:
                 if event.end_stream:
-                    self._aborted_uploads.remove(rid)
+                    self._forget_aborted(rid)
                 return b""
             self._apply(us, event)
             return encode_frame(FrameType.ROWS, flags, rid, payload)
@@ -807,7 +854,7 @@ class Connection:
             return data
         if isinstance(event, Error):
             self._check_header(us, FrameType.ERROR, 0, 0, event.request_id, 0)
-            obj = {"code": int(ErrorCode(event.code)), "message": event.message}
+            obj = {"code": int(_error_code(event.code)), "message": event.message}
             from ._schema import ERROR
             ERROR(obj, "")
             data = self._encode_control(FrameType.ERROR, obj, event.request_id)
@@ -815,7 +862,7 @@ class Connection:
             return data
         if isinstance(event, GoAway):
             self._check_header(us, FrameType.GOAWAY, 0, 0, 0, 0)
-            obj = {"last_request_id": event.last_request_id, "code": int(ErrorCode(event.code)),
+            obj = {"last_request_id": event.last_request_id, "code": int(_error_code(event.code)),
                    "message": event.message}
             GOAWAY(obj, "")
             data = self._encode_control(FrameType.GOAWAY, obj, 0)
@@ -823,7 +870,7 @@ class Connection:
             return data
         if isinstance(event, Notice):
             self._check_header(us, FrameType.NOTICE, 0, 0, event.request_id, 0)
-            obj = {"kind": str(NoticeKind(event.kind)), "message": event.message}
+            obj = {"kind": str(_notice_kind(event.kind)), "message": event.message}
             for name in ("approval_id", "hold_seconds", "expires_at"):
                 value = getattr(event, name)
                 if value is not None:
@@ -872,4 +919,11 @@ def _error_code(value: int) -> ErrorCode:
     try:
         return ErrorCode(value)
     except ValueError:
-        raise SchemaError("code", f"unknown error code {value}") from None
+        raise SchemaError("code", f"unknown error code {value!r}") from None
+
+
+def _notice_kind(value: str) -> NoticeKind:
+    try:
+        return NoticeKind(value)
+    except ValueError:
+        raise SchemaError("kind", f"unknown notice kind {value!r}") from None

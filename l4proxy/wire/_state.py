@@ -46,7 +46,7 @@ CONNECTION: dict[tuple[Role, ConnState, ConnEvent], ConnState] = {
     (_C, _CS.OPEN, _E.REQUEST): _CS.OPEN,
     # A server cannot tell a REQUEST that crossed its GOAWAY from one sent after it, so
     # it accepts both and answers them with ERROR; the client's send() refuses to issue
-    # new requests once it has seen GOAWAY (see Connection._check_send_request).
+    # new requests once it has seen GOAWAY (see Connection._apply).
     (_C, _CS.DRAINING, _E.REQUEST): _CS.DRAINING,
     (_C, _CS.OPEN, _E.STREAM_FRAME): _CS.OPEN,
     (_S, _CS.OPEN, _E.STREAM_FRAME): _CS.OPEN,
@@ -94,6 +94,9 @@ STREAM: dict[tuple[Role, StreamState, StreamEvent], StreamState] = {
     # a CONTINUE sent before the server saw CANCEL is ignored: no body follows
     (_S, _SS.CANCELLED_EARLY, _SE.CONTINUE): _SS.CANCELLED_EARLY,
     (_S, _SS.CANCELLED_EARLY, _SE.ERROR): _SS.DONE,
+    # the server may have sent CONTINUE before it saw the CANCEL; it then holds the
+    # request in AWAIT_RESULT (cancelled mid-upload) and may answer with RESULT
+    (_S, _SS.CANCELLED_EARLY, _SE.RESULT): _SS.DONE,
     (_C, _SS.UPLOADING, _SE.BODY): _SS.UPLOADING,
     (_C, _SS.UPLOADING, _SE.BODY_END): _SS.AWAIT_RESULT,
     (_C, _SS.UPLOADING, _SE.CANCEL): _SS.AWAIT_RESULT,
