@@ -25,6 +25,7 @@ from l4proxy.wire import (
     ConnState,
     Continue,
     Data,
+    Error,
     ErrorCode,
     Event,
     FrameType,
@@ -40,6 +41,7 @@ from l4proxy.wire import (
     Role,
     Rows,
     Welcome,
+    connection_error_frame,
     negotiate_limits,
 )
 
@@ -513,3 +515,30 @@ def test_insert_rows_mismatch(row: tuple[Any, ...]) -> None:
     assert err.request_id == 1
     client, _ = insert_uploading(("a", "b"))
     expect_local(client, Rows(request_id=1, rows=(row,)), ErrorCode.PROTOCOL_ERROR, "^ROWS")
+
+
+# --- the receive buffer and connection_error_frame (added with max_read) --------------------
+
+
+def test_receive_buffer_is_bounded_by_max_read() -> None:
+    conn = wire.Connection(Role.SERVER, max_read=4096)
+    with pytest.raises(LocalProtocolError, match="max_read"):
+        conn.receive_data(b"\x00" * 4097)
+    conn = wire.Connection(Role.SERVER, max_read=4096)
+    # feeding reads without draining: the buffer may hold one frame plus one read, no more
+    total = 0
+    with pytest.raises(LocalProtocolError, match="next_event"):
+        while total < DEFAULT_MAX_FRAME_PAYLOAD + 2 * 4096 + 12:
+            conn.receive_data(b"\x01" * 4096)
+            total += 4096
+    assert total >= DEFAULT_MAX_FRAME_PAYLOAD
+
+
+def test_connection_error_frame_fits_the_smallest_control_limit() -> None:
+    frame = connection_error_frame(ErrorCode.PROTOCOL_ERROR, "é" * 5000)
+    client = wire.Connection(Role.CLIENT, max_control_size=1024)
+    client.send(Hello(client="c"))
+    client.receive_data(frame)
+    event = client.next_event()
+    assert isinstance(event, Error) and event.code is ErrorCode.PROTOCOL_ERROR
+    assert len(event.message.encode()) <= 900

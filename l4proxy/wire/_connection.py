@@ -89,6 +89,8 @@ from ._state import CONNECTION, STREAM, ConnEvent, ConnState, StreamEvent, Strea
 __all__ = ["Connection", "negotiate_limits"]
 
 _COMPACT_AT = 256 << 10
+#: default largest single receive_data() chunk
+DEFAULT_MAX_READ = 1 << 20
 #: how many aborted uploads whose in-flight frames we still drop
 _MAX_ABORTED = 8
 
@@ -192,6 +194,10 @@ class Connection:
             upper bound a server offers. After WELCOME the negotiated value applies.
         max_control_size: largest control-map payload (HELLO, REQUEST, RESULT, ...).
         max_pending: most unfinished requests at once.
+        max_read: largest chunk one :meth:`receive_data` call may feed (the adapter's
+            read size). The receive buffer never holds more than one incomplete frame
+            (header plus at most ``max_frame_payload``) plus one read: feeding more
+            without draining :meth:`next_event` is a ``LocalProtocolError``.
 
     Raises:
         ValueError: a limit is outside the protocol's floors and ceilings.
@@ -204,7 +210,11 @@ class Connection:
         max_frame_payload: int = DEFAULT_MAX_FRAME_PAYLOAD,
         max_control_size: int = DEFAULT_MAX_CONTROL_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_read: int = DEFAULT_MAX_READ,
     ) -> None:
+        if not 1 <= max_read <= MAX_FRAME_PAYLOAD_CEILING:
+            raise ValueError(f"max_read must be 1..{MAX_FRAME_PAYLOAD_CEILING}")
+        self.max_read = max_read
         self.our_role = our_role
         self.their_role = our_role.peer
         limits = Limits(max_frame_payload=max_frame_payload, max_control_size=max_control_size,
@@ -276,6 +286,12 @@ class Connection:
             return
         if self._eof:
             raise LocalProtocolError("received data after EOF")
+        if len(data) > self.max_read:
+            raise LocalProtocolError(f"receive_data() got {len(data)} bytes, more than "
+                                     f"max_read={self.max_read}")
+        if self.buffered + len(data) > self.limits.max_frame_payload + HEADER_SIZE + self.max_read:
+            raise LocalProtocolError("receive buffer limit exceeded: call next_event() until "
+                                     "NEED_DATA before feeding more")
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
