@@ -229,20 +229,26 @@ class ChunkClient:
             ClientError: the server refused the HELLO (e.g. AUTH_FAILED, exit code 2).
         """
         key = Secret(api_key) if isinstance(api_key, str) else api_key
-        stream: trio.abc.Stream
+        stream: trio.abc.Stream | None = None
         try:
-            with trio.fail_after(connect_timeout):
-                tcp = await trio.open_tcp_stream(host, port)
-                stream = tcp
-                if ssl_context is not None:
-                    tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_name or host,
-                                         https_compatible=False)
-                    stream = tls
-                    await tls.do_handshake()
+            try:
+                with trio.fail_after(connect_timeout):
+                    tcp = await trio.open_tcp_stream(host, port)
+                    stream = tcp
+                    if ssl_context is not None:
+                        tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_name or host,
+                                             https_compatible=False)
+                        stream = tls
+                        await tls.do_handshake()
+            except BaseException:
+                if stream is not None:  # e.g. the TLS handshake failed: don't leak the socket
+                    await trio.aclose_forcefully(stream)
+                raise
         except trio.TooSlowError:
             raise ConnectionFailed(f"timed out connecting to {host}:{port}") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise ConnectionFailed(f"cannot connect to {host}:{port}: {_describe(exc)}") from None
+        assert stream is not None
         conn = Connection(Role.CLIENT)
         try:
             with trio.fail_after(connect_timeout):
@@ -291,10 +297,14 @@ class ChunkClient:
         if self._on_notice is not None:
             self._on_notice(notice)
 
-    async def _send_event(self, event: Event) -> bytes:
+    async def _send_event(self, event: Event, *, guard: Callable[[], bool] | None = None) -> bytes:
+        """Send one event. With ``guard``, send only if ``guard()`` holds under the send
+        lock (another task's CANCEL may end an upload between a check and the send)."""
         if self._broken is not None:
             raise self._broken
         async with self._send_lock:
+            if guard is not None and not guard():
+                return b""
             data = self._conn.send(event)
             if data:
                 try:
@@ -306,9 +316,9 @@ class ChunkClient:
             return data
 
     async def _send_body(self, event: Data | Rows) -> bool:
-        if self._conn.stream_state(event.request_id) is not StreamState.UPLOADING:
-            return False
-        return bool(await self._send_event(event))
+        rid = event.request_id
+        return bool(await self._send_event(
+            event, guard=lambda: self._conn.stream_state(rid) is StreamState.UPLOADING))
 
     async def _cancel(self, call: Call) -> None:
         rid = call.request_id
@@ -316,7 +326,8 @@ class ChunkClient:
             return
         self._cancel_sent.add(rid)
         try:
-            await self._send_event(Cancel(request_id=rid))
+            await self._send_event(Cancel(request_id=rid),
+                                   guard=lambda: self._conn.stream_state(rid) is not StreamState.DONE)
         except ClientError:
             pass
 
