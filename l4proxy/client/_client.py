@@ -272,6 +272,12 @@ class ChunkClient:
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # the reader never raises, so a group holds what the caller's block raised:
+            # hand it back unwrapped, so `except ClientError` around `connect` works
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -665,4 +671,9 @@ def _describe(exc: BaseException) -> str:
         return f"TLS error: {exc.reason or exc.__class__.__name__}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return type(exc).__name__
+    # trio's "all attempts to connect failed" carries the real errors as its cause
+    causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
+    for inner in causes:
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror
+    return str(exc) if isinstance(exc, OSError) and str(exc) else type(exc).__name__

@@ -108,7 +108,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, cast
 
 import trio
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 from l4proxy.sizes import format_size, parse_size
 from l4proxy.wire import (
