@@ -1,0 +1,853 @@
+"""Loading and checking the configuration file.
+
+Theory of operation: the file is read (at most ``MAX_CONFIG_BYTES``) and parsed with
+``tomllib`` into plain dicts. A walk then visits the known sections in a fixed order. Each
+``_Table`` knows its dotted path and the keys it allows; opening one reports its unknown keys
+at once, and its typed readers (``string``, ``duration``, ``size``, ``address``, ...) check one
+key each: they return the value, or record a :class:`Problem` naming the key and return
+``None``, and the caller falls back to the model's default so the walk goes on. Nothing stops
+at the first mistake: the result is every problem and warning in the file, and a
+:class:`~l4proxy.config.Config` only when there were no problems.
+
+Messages name keys, never values: a later section may hold a secret, and a config check's
+output ends up in CI logs. The only values echoed are key names themselves (quoted like TOML
+when they are not bare keys, so a control character cannot forge a line).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import logging
+import math
+import re
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from enum import Enum
+from pathlib import Path
+from typing import Final, TypeVar
+from urllib.parse import urlsplit
+
+from l4proxy.durations import format_duration, parse_duration
+from l4proxy.sizes import parse_size
+
+from ._model import (
+    ALLOWED_ALGORITHMS,
+    BREAKGLASS_TTL_CAP,
+    HARD_MAX_CERT_TTL,
+    MAX_LEEWAY,
+    RESERVED_PROVIDER_NAMES,
+    CaConfig,
+    ClaimMapping,
+    Config,
+    ControlConfig,
+    GatewayConfig,
+    JwksSourceKind,
+    ProviderConfig,
+)
+
+__all__ = ["MAX_CONFIG_BYTES", "CheckResult", "ConfigError", "Problem", "check_config", "load_config"]
+
+log = logging.getLogger("l4proxy.config")
+
+#: the largest configuration file read (bytes); a bigger one is a problem, not a hang
+MAX_CONFIG_BYTES: Final = 1 << 20
+
+
+# --- the public results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with (or, as a warning, worth knowing about) a configuration.
+
+    Attributes:
+        path: the dotted key path (``identity.providers[0].issuer``); empty for the file as a
+            whole (unreadable, not TOML), whose message then names the file.
+        message: what is wrong; names keys, never values.
+    """
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What :func:`check_config` found.
+
+    Attributes:
+        problems: everything that makes the configuration invalid, in file-walk order.
+        warnings: valid but risky settings (``allow_any_subject = true``, ...).
+        config: the loaded configuration when there are no problems, else None.
+    """
+
+    problems: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+    config: Config | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no problems (warnings allowed)."""
+        return not self.problems
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists why (``str()``: one per line)."""
+
+    def __init__(self, problems: tuple[Problem, ...] | list[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[Problem, ...]]]:
+        return type(self), (self.problems,)
+
+
+def check_config(path: str | Path) -> CheckResult:
+    """Read and validate a configuration file, collecting every problem.
+
+    Args:
+        path: the TOML file; relative paths inside it are resolved against its directory.
+
+    Returns:
+        All problems and warnings, and the :class:`Config` if there were no problems. Never
+        raises for a bad or unreadable file: that is a problem too.
+    """
+    given = Path(path)
+    # the directory is canonicalised (it stays the same directory); the file name is kept, so
+    # a symlinked configuration still resolves paths against the directory it was named in
+    source = given.absolute().parent.resolve() / given.name
+    col = _Collector()
+    data = _read_toml(source, col)
+    config = _build(data, source, col) if data is not None else None
+    return CheckResult(problems=tuple(col.problems), warnings=tuple(col.warnings),
+                       config=None if col.problems else config)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a configuration file into one frozen, validated :class:`Config`.
+
+    Warnings are logged (logger ``l4proxy.config``, level WARNING).
+
+    Args:
+        path: the TOML file; relative paths inside it are resolved against its directory.
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: the file is unreadable, not TOML, or has any problem (all are listed).
+    """
+    result = check_config(path)
+    if result.config is None:
+        raise ConfigError(result.problems)
+    for warning in result.warnings:
+        log.warning("configuration: %s", warning)
+    return result.config
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(Problem(path, message))
+
+
+def _read_toml(source: Path, col: _Collector) -> dict[str, object] | None:
+    try:
+        with source.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        col.problem("", f"{source}: cannot read: {exc.strerror or type(exc).__name__}")
+        return None
+    if len(raw) > MAX_CONFIG_BYTES:
+        col.problem("", f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a configuration file")
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        col.problem("", f"{source}: not UTF-8 text (byte offset {exc.start})")
+        return None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages give a position and name keys, never a value
+        col.problem("", f"{source}: invalid TOML: {exc}")
+        return None
+
+
+class _Missing(Enum):
+    MISSING = "missing"
+
+
+_MISSING: Final = _Missing.MISSING
+_T = TypeVar("_T")
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def _join(prefix: str, key: str) -> str:
+    """``prefix.key``, the key quoted like TOML (JSON escapes) unless it is a bare key."""
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return f"{prefix}.{part}" if prefix else part
+
+
+def _kind(value: object) -> str:
+    """The TOML type of ``value``, for 'expected X, got Y' (never the value itself)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime):
+        return "a date-time"
+    if isinstance(value, date):
+        return "a date"
+    if isinstance(value, time):
+        return "a time"
+    return type(value).__name__  # pragma: no cover - tomllib yields nothing else
+
+
+def _check_string(col: _Collector, path: str, value: object, *, pattern: re.Pattern[str] | None = None,
+                  expected: str = "") -> str | None:
+    if not isinstance(value, str):
+        col.problem(path, f"expected a string, got {_kind(value)}")
+        return None
+    if not value.strip():
+        col.problem(path, "must not be empty")
+        return None
+    if _CONTROL_CHARS.search(value):
+        col.problem(path, "must not contain control characters")
+        return None
+    if value != value.strip():
+        col.problem(path, "must not have leading or trailing whitespace")
+        return None
+    if pattern is not None and not pattern.fullmatch(value):
+        col.problem(path, f"must be {expected}")
+        return None
+    return value
+
+
+def _seconds(value: object) -> float:
+    """A duration value: a non-negative number of seconds or a string like ``10m``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError
+    if isinstance(value, str) and _CONTROL_CHARS.search(value):
+        raise ValueError
+    seconds = parse_duration(value)
+    if not math.isfinite(seconds):
+        raise ValueError
+    return seconds
+
+
+class _Table:
+    """One TOML table being read: its path, its allowed keys, typed readers for them."""
+
+    def __init__(self, col: _Collector, data: Mapping[str, object], path: str, known: Collection[str], *,
+                 base: Path, future: Collection[str] = ()) -> None:
+        self.col = col
+        self.data = data
+        self.path = path
+        self.base = base
+        self._known = known
+        for key in data:
+            if key in known:
+                continue
+            if key in future:
+                message = "unknown key (this section is not supported by this version yet)"
+            else:
+                close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
+                message = f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+            col.problem(_join(path, key), message)
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def problem(self, key: str, message: str) -> None:
+        self.col.problem(self.at(key), message)
+
+    def has(self, key: str) -> bool:
+        assert key in self._known, key
+        return key in self.data
+
+    def raw(self, key: str) -> object:
+        assert key in self._known, key
+        return self.data.get(key, _MISSING)
+
+    def _present(self, key: str, required: bool) -> object:
+        value = self.raw(key)
+        if value is _MISSING and required:
+            self.problem(key, "missing required key")
+        return value
+
+    # -- structure --
+
+    def table(self, key: str, known: Collection[str], *, required: bool = False,
+              future: Collection[str] = ()) -> _Table | None:
+        value = self._present(key, False)
+        if value is _MISSING:
+            if required:
+                self.problem(key, "missing required table")
+            return None
+        if not isinstance(value, dict):
+            self.problem(key, f"expected a table, got {_kind(value)}")
+            return None
+        return _Table(self.col, value, self.at(key), known, base=self.base, future=future)
+
+    def tables(self, key: str, known: Collection[str], *, required: bool = False) -> list[_Table] | None:
+        """An array of tables (``[[key]]``); None if absent or not an array."""
+        value = self._present(key, required)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, list):
+            self.problem(key, f"expected an array of tables, got {_kind(value)}")
+            return None
+        out: list[_Table] = []
+        for i, item in enumerate(value):
+            path = f"{self.at(key)}[{i}]"
+            if isinstance(item, dict):
+                out.append(_Table(self.col, item, path, known, base=self.base))
+            else:
+                self.col.problem(path, f"expected a table, got {_kind(item)}")
+        return out
+
+    # -- scalars --
+
+    def string(self, key: str, *, required: bool = False, pattern: re.Pattern[str] | None = None,
+               expected: str = "") -> str | None:
+        value = self._present(key, required)
+        if value is _MISSING:
+            return None
+        return _check_string(self.col, self.at(key), value, pattern=pattern, expected=expected)
+
+    def boolean(self, key: str) -> bool | None:
+        value = self._present(key, False)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, bool):
+            self.problem(key, f"expected a boolean (true or false), got {_kind(value)}")
+            return None
+        return value
+
+    def integer(self, key: str, *, minimum: int) -> int | None:
+        value = self._present(key, False)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(key, f"expected an integer, got {_kind(value)}")
+            return None
+        if value < minimum:
+            self.problem(key, f"must be at least {minimum}")
+            return None
+        return value
+
+    def duration(self, key: str, *, positive: bool = True, maximum: float | None = None,
+                 maximum_text: str = "") -> float | None:
+        """A duration in seconds: a number, or a string like ``30s``, ``10m``, ``1h30m``."""
+        value = self._present(key, False)
+        if value is _MISSING:
+            return None
+        try:
+            seconds = _seconds(value)
+        except TypeError:
+            self.problem(key, f"expected a duration (a number of seconds or a string like '10m'), "
+                              f"got {_kind(value)}")
+            return None
+        except ValueError:
+            self.problem(key, "not a duration (examples: 30s, 10m, 1h30m; a bare number is seconds)")
+            return None
+        if positive and seconds <= 0:
+            self.problem(key, "must be more than 0s")
+            return None
+        if maximum is not None and seconds > maximum:
+            self.problem(key, f"must be at most {maximum_text or format_duration(maximum)}")
+            return None
+        return seconds
+
+    def size(self, key: str, *, minimum: int, maximum: int, range_text: str) -> int | None:
+        """A size in bytes: an integer, or a string like ``64KiB``."""
+        value = self._present(key, False)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            self.problem(key, f"expected a size (an integer of bytes or a string like '64KiB'), "
+                              f"got {_kind(value)}")
+            return None
+        if isinstance(value, int):
+            n = value
+        else:
+            try:
+                n = parse_size(value)
+            except ValueError:
+                self.problem(key, "not a size (examples: 65536, 64KiB, 1MiB)")
+                return None
+        if not minimum <= n <= maximum:
+            self.problem(key, f"must be {range_text}")
+            return None
+        return n
+
+    def address(self, key: str) -> tuple[str, int] | None:
+        value = self.string(key)
+        if value is None:
+            return None
+        try:
+            return _parse_address(value)
+        except ValueError as exc:
+            self.problem(key, f"expected HOST:PORT or [IPv6]:PORT: {exc}")
+            return None
+
+    def path_value(self, key: str, *, required: bool = False) -> Path | None:
+        """A filesystem path, resolved against the configuration file's directory."""
+        value = self.string(key, required=required)
+        if value is None:
+            return None
+        if value.startswith("~"):
+            self.problem(key, "'~' is not expanded: use an absolute path or one relative to the "
+                              "configuration file")
+            return None
+        return self.base / value
+
+    def string_list(self, key: str, *, pattern: re.Pattern[str] | None = None, expected: str = "",
+                    choices: Collection[str] | None = None, nonempty: bool = False,
+                    fold: bool = False, required: bool = False) -> tuple[str, ...] | None:
+        """An array of distinct strings; ``fold`` lower-cases them (domains)."""
+        value = self._present(key, required)
+        if value is _MISSING:
+            return None
+        return _check_string_list(self.col, self.at(key), value, pattern=pattern, expected=expected,
+                                  choices=choices, nonempty=nonempty, fold=fold)
+
+
+def _check_string_list(col: _Collector, path: str, value: object, *, pattern: re.Pattern[str] | None = None,
+                       expected: str = "", choices: Collection[str] | None = None,
+                       nonempty: bool = False, fold: bool = False) -> tuple[str, ...] | None:
+    if not isinstance(value, list):
+        col.problem(path, f"expected an array of strings, got {_kind(value)}")
+        return None
+    if nonempty and not value:
+        col.problem(path, "must not be empty")
+        return None
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    ok = True
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        s = _check_string(col, item_path, item, pattern=pattern, expected=expected)
+        if s is None:
+            ok = False
+            continue
+        if choices is not None and s not in choices:
+            col.problem(item_path, f"not allowed (choose from {', '.join(sorted(choices, key=str.lower))})")
+            ok = False
+            continue
+        if fold:
+            s = s.lower()
+        if s in seen:
+            col.problem(item_path, f"duplicate entry (same as [{seen[s]}])")
+            ok = False
+            continue
+        seen[s] = i
+        out.append(s)
+    return tuple(out) if ok else None
+
+
+# --- value syntax ---------------------------------------------------------------------------
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
+_DNS_NAME_TEXT = "a lower-case DNS-like name: letters, digits, '-' and '.' (e.g. l4proxy.example.com)"
+_EMAIL_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})+", re.IGNORECASE)
+_EMAIL_DOMAIN_TEXT = "a domain name like example.com (without '@')"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?", re.IGNORECASE)
+_PORT = re.compile(r"[0-9]{1,5}")
+_GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_GATEWAY_ID_TEXT = "1 to 63 lower-case letters, digits and '-', starting with a letter or digit"
+_PROVIDER_NAME_TEXT = "1 to 32 lower-case letters, digits and '-', starting with a letter"
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (port 0 lets the system pick).
+
+    Raises:
+        ValueError: why it is not an address (without echoing it).
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("missing ']:PORT' after an IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("not an IPv6 address inside the brackets") from None
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("missing ':PORT'")
+        if ":" in host:
+            raise ValueError("an IPv6 address must be in brackets")
+        if not host:
+            raise ValueError("missing HOST")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError("not an IPv4 address") from None
+        elif not _HOSTNAME.fullmatch(host):
+            raise ValueError("not a host name")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError("the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
+    """An ``https://`` URL (``http://`` only for a loopback host) without credentials."""
+    if any(c.isspace() for c in url):
+        t.problem(key, "must not contain whitespace")
+        return False
+    if not url.startswith(("https://", "http://")):
+        t.problem(key, "must be an https:// URL")
+        return False
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        t.problem(key, "not a valid URL (host or port)")
+        return False
+    if "@" in parts.netloc:
+        t.problem(key, "must not contain credentials (user:password@)")
+        return False
+    if not host:
+        t.problem(key, "must name a host")
+        return False
+    if parts.scheme == "http" and not _is_loopback(host):
+        t.problem(key, "must be https:// (http:// only for a loopback host: 127.0.0.0/8, ::1, localhost)")
+        return False
+    if parts.fragment or (not allow_query and parts.query):
+        t.problem(key, "must not have a query or fragment" if not allow_query else "must not have a fragment")
+        return False
+    return True
+
+
+# --- the sections ---------------------------------------------------------------------------
+
+_TOP = ("gateway", "control", "identity", "ca")
+#: sections later issues add; until then they are unknown keys with a hint
+_FUTURE = ("listeners", "targets", "recording", "limits", "policy", "masking", "approvals")
+_GATEWAY = ("id", "state_dir")
+_CONTROL = ("listen", "ops_listen", "admin_groups", "rate_per_identity", "rate_per_address", "max_body")
+_CA = ("dir", "trust_domain", "breakglass_max_ttl")
+_IDENTITY = ("providers",)
+_PROVIDER = (
+    "name", "issuer", "audience", "jwks", "subject_claim", "groups_claim", "claim_mappings",
+    "bound_claims", "allowed_email_domains", "allowed_groups", "allow_any_subject", "algorithms",
+    "default_cert_ttl", "max_cert_ttl", "leeway", "max_token_lifetime", "max_token_age",
+    "max_token_bytes", "jwks_min_cache", "jwks_max_cache", "jwks_max_staleness",
+    "jwks_refetch_interval", "fetch_timeout",
+)
+_JWKS = ("url", "file")
+_CLAIM_MAPPING = ("claim", "value", "groups")
+
+
+def _build(data: Mapping[str, object], source: Path, col: _Collector) -> Config | None:
+    root = _Table(col, data, "", _TOP, base=source.parent, future=_FUTURE)
+    gateway = _gateway(root)
+    control = _control(root)
+    providers = _providers(root)
+    ca = _ca(root)
+    if providers and not root.has("ca"):
+        col.problem("ca", "missing required table: identity providers are configured, and without a CA "
+                          "nothing could mint their certificates")
+    if col.problems or gateway is None:
+        return None
+    return Config(gateway=gateway, control=control, providers=providers, ca=ca, source=source)
+
+
+def _gateway(root: _Table) -> GatewayConfig | None:
+    t = root.table("gateway", _GATEWAY, required=True)
+    if t is None:
+        return None
+    gateway_id = t.string("id", required=True, pattern=_GATEWAY_ID, expected=_GATEWAY_ID_TEXT)
+    state_dir = t.path_value("state_dir", required=True)
+    if gateway_id is None or state_dir is None:
+        return None
+    return GatewayConfig(id=gateway_id, state_dir=state_dir)
+
+
+def _control(root: _Table) -> ControlConfig:
+    d = ControlConfig()
+    t = root.table("control", _CONTROL)
+    if t is None:
+        return d
+    listen = t.address("listen")
+    ops_listen = t.address("ops_listen")
+    # compare what will be used (given or default; an invalid one is already reported)
+    used = _given_or_default(t, "listen", listen, d.listen)
+    used_ops = _given_or_default(t, "ops_listen", ops_listen, d.ops_listen)
+    if used is not None and used == used_ops and used[1] != 0:
+        if t.has("ops_listen"):
+            t.problem("ops_listen", f"same address as {t.at('listen')}")
+        else:
+            t.problem("listen", f"same address as {t.at('ops_listen')} (its default)")
+    return ControlConfig(
+        listen=_or(listen, d.listen),
+        ops_listen=_or(ops_listen, d.ops_listen),
+        admin_groups=_or(t.string_list("admin_groups"), d.admin_groups),
+        rate_per_identity=_or(t.integer("rate_per_identity", minimum=1), d.rate_per_identity),
+        rate_per_address=_or(t.integer("rate_per_address", minimum=1), d.rate_per_address),
+        max_body=_or(t.size("max_body", minimum=1 << 10, maximum=1 << 20, range_text="from 1KiB to 1MiB"),
+                     d.max_body),
+    )
+
+
+def _ca(root: _Table) -> CaConfig | None:
+    t = root.table("ca", _CA)
+    if t is None:
+        return None
+    ca_dir = t.path_value("dir", required=True)
+    trust_domain = t.string("trust_domain", pattern=_DNS_NAME, expected=_DNS_NAME_TEXT)
+    breakglass = t.duration("breakglass_max_ttl", maximum=BREAKGLASS_TTL_CAP,
+                            maximum_text="1h (the cap for break-glass certificates)")
+    if ca_dir is None:
+        return None
+    d = CaConfig(dir=ca_dir)
+    return CaConfig(dir=ca_dir, trust_domain=_or(trust_domain, d.trust_domain),
+                    breakglass_max_ttl=_or(breakglass, d.breakglass_max_ttl))
+
+
+def _providers(root: _Table) -> tuple[ProviderConfig, ...]:
+    t = root.table("identity", _IDENTITY)
+    if t is None:
+        return ()
+    tables = t.tables("providers", _PROVIDER)
+    if tables is None:
+        return ()
+    names: dict[str, str] = {}
+    out = [_provider(pt, names) for pt in tables]
+    return tuple(p for p in out if p is not None)
+
+
+def _provider(t: _Table, names: dict[str, str]) -> ProviderConfig | None:
+    # imported here, not at the top, so that l4proxy.identity may import l4proxy.config freely
+    from l4proxy.identity._model import PROVIDER_NAME
+
+    d = ProviderConfig(name="", issuer="", audience="", jwks_source=JwksSourceKind.DISCOVERY)
+    name = t.string("name", required=True, pattern=PROVIDER_NAME, expected=_PROVIDER_NAME_TEXT)
+    if name is not None:
+        if name in RESERVED_PROVIDER_NAMES:
+            t.problem("name", "reserved name (break-glass identities use it)")
+        elif name in names:
+            t.problem("name", f"duplicate provider name (same as {names[name]})")
+        else:
+            names[name] = t.at("name")
+    issuer = t.string("issuer", required=True)
+    if issuer is not None and not _check_url(t, "issuer", issuer, allow_query=False):
+        issuer = None
+    audience = t.string("audience", required=True)
+    jwks = _jwks(t)
+
+    subject_claim = t.string("subject_claim")
+    groups_claim = t.string("groups_claim")
+    claim_mappings = _claim_mappings(t)
+    bound_claims = _bound_claims(t)
+    domains = t.string_list("allowed_email_domains", pattern=_EMAIL_DOMAIN, expected=_EMAIL_DOMAIN_TEXT,
+                            fold=True)
+    groups = t.string_list("allowed_groups")
+    allow_any = t.boolean("allow_any_subject")
+    algorithms = t.string_list("algorithms", choices=ALLOWED_ALGORITHMS, nonempty=True)
+
+    cap_text = "24h (the hard cap on certificate lifetimes)"
+    default_ttl = t.duration("default_cert_ttl", maximum=HARD_MAX_CERT_TTL, maximum_text=cap_text)
+    max_ttl = t.duration("max_cert_ttl", maximum=HARD_MAX_CERT_TTL, maximum_text=cap_text)
+    _not_above(t, "default_cert_ttl", default_ttl, d.default_cert_ttl, "max_cert_ttl", max_ttl,
+               d.max_cert_ttl)
+    leeway = t.duration("leeway", positive=False, maximum=MAX_LEEWAY)
+    max_token_lifetime = t.duration("max_token_lifetime")
+    max_token_age = t.duration("max_token_age")
+    max_token_bytes = t.size("max_token_bytes", minimum=1, maximum=1 << 20, range_text="from 1 byte to 1MiB")
+    jwks_min_cache = t.duration("jwks_min_cache", positive=False)
+    jwks_max_cache = t.duration("jwks_max_cache")
+    _not_above(t, "jwks_min_cache", jwks_min_cache, d.jwks_min_cache, "jwks_max_cache", jwks_max_cache,
+               d.jwks_max_cache)
+    jwks_max_staleness = t.duration("jwks_max_staleness", positive=False)
+    jwks_refetch_interval = t.duration("jwks_refetch_interval")
+    fetch_timeout = t.duration("fetch_timeout")
+
+    # who may enroll: at least one constraint, or an explicit, warned-about allow_any_subject
+    constraints = {"bound_claims": bound_claims, "allowed_email_domains": domains, "allowed_groups": groups}
+    declared = any(constraints.values())
+    unsure = any(value is None and t.has(key) for key, value in constraints.items()) \
+        or (allow_any is None and t.has("allow_any_subject"))
+    if unsure:
+        pass  # an invalid constraint is reported already; what it meant is unknown
+    elif allow_any:
+        if declared:
+            t.problem("allow_any_subject", "cannot be combined with bound_claims, allowed_email_domains or "
+                                           "allowed_groups: they already say who may enroll")
+        else:
+            t.col.warn(t.at("allow_any_subject"), "any subject of this issuer and audience may enroll")
+    elif not declared:
+        t.col.problem(t.path, "declares nobody who may enroll: set bound_claims, allowed_email_domains or "
+                              "allowed_groups (or allow_any_subject = true)")
+    if groups and groups_claim is None and not t.has("groups_claim") and not claim_mappings \
+            and not t.has("claim_mappings"):
+        t.problem("allowed_groups", "no identity can have a group: set groups_claim or claim_mappings")
+
+    if name is None or issuer is None or audience is None or jwks is None:
+        return None
+    return ProviderConfig(
+        name=name,
+        issuer=issuer,
+        audience=audience,
+        jwks_source=jwks[0],
+        jwks_location=jwks[1],
+        subject_claim=_or(subject_claim, d.subject_claim),
+        groups_claim=groups_claim,
+        claim_mappings=_or(claim_mappings, d.claim_mappings),
+        bound_claims=_or(bound_claims, d.bound_claims),
+        allowed_email_domains=_or(domains, d.allowed_email_domains),
+        allowed_groups=_or(groups, d.allowed_groups),
+        allow_any_subject=_or(allow_any, d.allow_any_subject),
+        algorithms=_or(algorithms, d.algorithms),
+        default_cert_ttl=_or(default_ttl, d.default_cert_ttl),
+        max_cert_ttl=_or(max_ttl, d.max_cert_ttl),
+        leeway=_or(leeway, d.leeway),
+        max_token_lifetime=_or(max_token_lifetime, d.max_token_lifetime),
+        max_token_age=_or(max_token_age, d.max_token_age),
+        max_token_bytes=_or(max_token_bytes, d.max_token_bytes),
+        jwks_min_cache=_or(jwks_min_cache, d.jwks_min_cache),
+        jwks_max_cache=_or(jwks_max_cache, d.jwks_max_cache),
+        jwks_max_staleness=_or(jwks_max_staleness, d.jwks_max_staleness),
+        jwks_refetch_interval=_or(jwks_refetch_interval, d.jwks_refetch_interval),
+        fetch_timeout=_or(fetch_timeout, d.fetch_timeout),
+    )
+
+
+def _not_above(t: _Table, low_key: str, low: float | None, low_default: float, high_key: str,
+               high: float | None, high_default: float) -> None:
+    """Report ``low_key`` if it exceeds ``high_key`` (each as given, else its default; an invalid
+    value is already reported and compares with nothing)."""
+    lo = _given_or_default(t, low_key, low, low_default)
+    hi = _given_or_default(t, high_key, high, high_default)
+    if lo is not None and hi is not None and lo > hi:
+        t.problem(low_key, f"must not exceed {t.at(high_key)}")
+
+
+def _given_or_default(t: _Table, key: str, value: _T | None, default: _T) -> _T | None:
+    """The value in use: as given, the default when absent, None when given but invalid."""
+    return value if value is not None or t.has(key) else default
+
+
+def _jwks(t: _Table) -> tuple[JwksSourceKind, str | None] | None:
+    """``jwks = "discovery"`` (the default), ``{ url = "https://…" }`` or ``{ file = "PATH" }``."""
+    value = t.raw("jwks")
+    if value is _MISSING or value == JwksSourceKind.DISCOVERY.value:
+        return JwksSourceKind.DISCOVERY, None
+    if not isinstance(value, dict):
+        t.problem("jwks", 'must be "discovery", { url = "https://…" } or { file = "PATH" }')
+        return None
+    jt = t.table("jwks", _JWKS)
+    assert jt is not None
+    if jt.has("url") == jt.has("file"):
+        t.problem("jwks", "set exactly one of url or file")
+        return None
+    if jt.has("url"):
+        url = jt.string("url")
+        if url is None or not _check_url(jt, "url", url, allow_query=True):
+            return None
+        return JwksSourceKind.URL, url
+    path = jt.path_value("file")
+    return None if path is None else (JwksSourceKind.FILE, str(path))
+
+
+def _bound_claims(t: _Table) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    """``claim = "value"`` or ``claim = ["glob", ...]``, sorted by claim."""
+    value = t.raw("bound_claims")
+    if value is _MISSING:
+        return ()
+    if not isinstance(value, dict):
+        t.problem("bound_claims", f"expected a table of claim = value(s), got {_kind(value)}")
+        return None
+    out: list[tuple[str, tuple[str, ...]]] = []
+    ok = True
+    for claim, accepted in value.items():
+        path = _join(t.at("bound_claims"), claim)
+        if not claim.strip() or _CONTROL_CHARS.search(claim):
+            t.col.problem(path, "a claim name must be non-empty printable text")
+            ok = False
+            continue
+        values: tuple[str, ...] | None
+        if isinstance(accepted, list):
+            values = _check_string_list(t.col, path, accepted, nonempty=True)
+        elif isinstance(accepted, str):
+            single = _check_string(t.col, path, accepted)
+            values = None if single is None else (single,)
+        else:
+            t.col.problem(path, f"expected a string or an array of strings, got {_kind(accepted)}")
+            values = None
+        if values is None:
+            ok = False
+            continue
+        if any(set(v) == {"*"} for v in values):
+            t.col.warn(path, "matches every value: it only requires the claim to be present")
+        out.append((claim, values))
+    return tuple(sorted(out)) if ok else None
+
+
+def _claim_mappings(t: _Table) -> tuple[ClaimMapping, ...] | None:
+    tables = t.tables("claim_mappings", _CLAIM_MAPPING)
+    if tables is None:
+        return None if t.has("claim_mappings") else ()
+    out: list[ClaimMapping] = []
+    seen: dict[tuple[str, str], str] = {}
+    ok = True
+    for mt in tables:
+        claim = mt.string("claim", required=True)
+        value = mt.string("value", required=True)
+        groups = mt.string_list("groups", required=True, nonempty=True)
+        if claim is None or value is None or groups is None:
+            ok = False
+            continue
+        if (claim, value) in seen:
+            mt.col.problem(mt.path, f"duplicate mapping (same claim and value as {seen[claim, value]})")
+            ok = False
+            continue
+        seen[claim, value] = mt.path
+        out.append(ClaimMapping(claim=claim, value=value, groups=groups))
+    return tuple(out) if ok else None
+
