@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-__all__ = ["PROVIDER_NAME", "Identity", "VerifiedToken", "parse_identity_uri", "identity_uri"]
+__all__ = ["PROVIDER_NAME", "Identity", "VerifiedToken", "identity_uri", "parse_identity_uri"]
 
 #: provider names: short, lower-case, URI-safe (they appear unencoded in the URI)
 PROVIDER_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
