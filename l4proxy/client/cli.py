@@ -13,6 +13,8 @@ Settings
 --------
 Every connection flag falls back to an environment variable, then to a default:
 
+    --profile       CHUNK_PROFILE       an `l4proxy login` directory: the defaults below
+                                        come from its profile.toml and certificate files
     --server        CHUNK_SERVER        HOST:PORT ([v6]:PORT), default 127.0.0.1:7070
     --api-key-file  CHUNK_API_KEY_FILE  file holding the API key (mode 0600)
     --ca-file       CHUNK_CA_FILE       CA bundle to verify the server (turns on TLS)
@@ -503,13 +505,47 @@ def _ssl_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def read_profile(directory: str | None) -> dict[str, str]:
+    """Connection defaults from an ``l4proxy login`` profile directory.
+
+    Returns ``server`` (the profile's gateway), ``server_name``, ``ca_file``, ``cert`` and
+    ``key`` where present; flags and environment variables still win over them.
+
+    Raises:
+        UsageError: the directory or its profile.toml is missing or malformed.
+    """
+    if not directory:
+        return {}
+    import tomllib
+
+    base = Path(directory)
+    try:
+        doc = tomllib.loads((base / "profile.toml").read_text("utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--profile: cannot read {base / 'profile.toml'}: "
+                         f"{exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raise UsageError(f"--profile: {base / 'profile.toml'} is not valid TOML") from None
+    out: dict[str, str] = {}
+    for name, key in (("gateway", "server"), ("server_name", "server_name")):
+        value = doc.get(name)
+        if isinstance(value, str) and value:
+            out[key] = value
+    for name, key in (("ca.crt", "ca_file"), ("client.crt", "cert"), ("client.key", "key")):
+        if (base / name).is_file():
+            out[key] = str(base / name)
+    return out
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Resolve flags and environment into :class:`Settings`.
 
     Raises:
         UsageError: a bad address, key file or TLS file.
     """
-    server = _flag_or_env(args.server, "CHUNK_SERVER") or DEFAULT_SERVER
+    profile = read_profile(_flag_or_env(getattr(args, "profile", None), "CHUNK_PROFILE"))
+    server = (_flag_or_env(args.server, "CHUNK_SERVER") or profile.get("server")
+              or DEFAULT_SERVER)
     try:
         host, port = parse_server(server)
     except ValueError as exc:
@@ -517,12 +553,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"{source}: {exc}") from None
     key_file = _flag_or_env(args.api_key_file, "CHUNK_API_KEY_FILE")
     api_key = read_api_key(key_file) if key_file else None
-    ssl_context = make_ssl_context(ca_file=_flag_or_env(args.ca_file, "CHUNK_CA_FILE"),
-                                   cert=_flag_or_env(args.tls_cert, "CHUNK_CERT"),
-                                   key=_flag_or_env(args.tls_key, "CHUNK_KEY"),
-                                   tls=bool(args.tls))
+    ssl_context = make_ssl_context(
+        ca_file=_flag_or_env(args.ca_file, "CHUNK_CA_FILE") or profile.get("ca_file"),
+        cert=_flag_or_env(args.tls_cert, "CHUNK_CERT") or profile.get("cert"),
+        key=_flag_or_env(args.tls_key, "CHUNK_KEY") or profile.get("key"),
+        tls=bool(args.tls))
     return Settings(host=host, port=port, api_key=api_key, ssl_context=ssl_context,
-                    server_name=_flag_or_env(args.server_name, "CHUNK_SERVER_NAME"),
+                    server_name=(_flag_or_env(args.server_name, "CHUNK_SERVER_NAME")
+                                 or profile.get("server_name")),
                     reason=_flag_or_env(args.reason, "CHUNK_REASON"),
                     json=bool(args.json), verbose=bool(args.verbose))
 
@@ -1190,6 +1228,9 @@ def _add_global_options(p: argparse.ArgumentParser, *, in_subcommand: bool) -> N
         return argparse.SUPPRESS if in_subcommand else value
 
     g = p.add_argument_group("global options")
+    g.add_argument("--profile", metavar="DIR", default=d(None),
+                   help="connection defaults from an `l4proxy login` profile directory: gateway, "
+                        "server name, ca.crt, client.crt, client.key (env CHUNK_PROFILE)")
     g.add_argument("--server", metavar="HOST:PORT", default=d(None),
                    help=f"service or gateway address (env CHUNK_SERVER; default {DEFAULT_SERVER})")
     g.add_argument("--api-key-file", metavar="FILE", default=d(None),
