@@ -63,13 +63,27 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 pipe.close()
 
 
-def test_login_through_the_command_line(tmp_path: Path,
-                                        processes: list[subprocess.Popen[bytes]]) -> None:
+def test_login_through_the_command_line(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     certs, idp = tmp_path / "certs", tmp_path / "idp"
-    init = _run([*L4, "ca", "init", "--dir", str(certs), "--trust-domain", "e2e.l4proxy", "--server-name", "127.0.0.1"])
+    init = _run(
+        [
+            *L4,
+            "ca",
+            "init",
+            "--dir",
+            str(certs),
+            "--trust-domain",
+            "e2e.l4proxy",
+            "--server-name",
+            "127.0.0.1",
+        ]
+    )
     assert init.returncode == 0, init.stderr
-    processes.append(subprocess.Popen([*L4, "dev-idp", "serve", "--dir", str(idp)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    processes.append(
+        subprocess.Popen(
+            [*L4, "dev-idp", "serve", "--dir", str(idp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    )
     _wait_for(lambda: (idp / "issuer").exists(), "the dev IdP")
     issuer = (idp / "issuer").read_text().strip()
     control, ops = _free_port(), _free_port()
@@ -98,8 +112,9 @@ allowed_email_domains = ["example.com"]
 """)
     check = _run([*L4, "config", "check", str(config)])
     assert check.returncode == 0, check.stdout + check.stderr
-    server = subprocess.Popen([*L4, "serve", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [*L4, "serve", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     processes.append(server)
 
     def ready() -> bool:
@@ -107,34 +122,103 @@ allowed_email_domains = ["example.com"]
             return bool(resp.status == 200)
 
     _wait_for(ready, "/readyz")
-    token = _run([*L4, "dev-idp", "token", "--dir", str(idp), "--sub", "alice", "--email", "alice@example.com", "--groups", "eng,admins"])
+    token = _run(
+        [
+            *L4,
+            "dev-idp",
+            "token",
+            "--dir",
+            str(idp),
+            "--sub",
+            "alice",
+            "--email",
+            "alice@example.com",
+            "--groups",
+            "eng,admins",
+        ]
+    )
     assert token.returncode == 0, token.stderr
     token_file = write_private(tmp_path / "token", token.stdout.strip())
     profile = tmp_path / "profile"
     env = dict(os.environ, CI_ID_TOKEN=token.stdout.strip())
-    login = _run([*L4, "login", "--enroll", f"https://127.0.0.1:{control}", "--ca-file", str(certs / "ca.crt"), "--id-token-env", "CI_ID_TOKEN", "--out", str(profile), "--ttl", "5m", "--gateway", "127.0.0.1:1", "--server-name", "127.0.0.1"], env=env)
+    login = _run(
+        [
+            *L4,
+            "login",
+            "--enroll",
+            f"https://127.0.0.1:{control}",
+            "--ca-file",
+            str(certs / "ca.crt"),
+            "--id-token-env",
+            "CI_ID_TOKEN",
+            "--out",
+            str(profile),
+            "--ttl",
+            "5m",
+            "--gateway",
+            "127.0.0.1:1",
+            "--server-name",
+            "127.0.0.1",
+        ],
+        env=env,
+    )
     assert login.returncode == 0, login.stderr
     assert "logged in as dev/alice" in login.stdout
     assert token.stdout.strip() not in login.stdout + login.stderr
     # the files complete an mTLS handshake with a server that trusts the CA
     ctx = ssl.create_default_context(cafile=str(profile / "ca.crt"))
     ctx.load_cert_chain(profile / "client.crt", profile / "client.key")
-    with urllib.request.urlopen(f"https://127.0.0.1:{control}/v1/whoami", context=ctx,
-                                timeout=10) as resp:
+    with urllib.request.urlopen(f"https://127.0.0.1:{control}/v1/whoami", context=ctx, timeout=10) as resp:
         who = json.loads(resp.read())
     assert who["identity"] == "dev/alice" and who["admin"] is True
     # the token was single use
-    again = _run([*L4, "login", "--enroll", f"https://127.0.0.1:{control}", "--ca-file", str(certs / "ca.crt"), "--id-token-file", str(token_file), "--out", str(tmp_path / "again")])
+    again = _run(
+        [
+            *L4,
+            "login",
+            "--enroll",
+            f"https://127.0.0.1:{control}",
+            "--ca-file",
+            str(certs / "ca.crt"),
+            "--id-token-file",
+            str(token_file),
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
     assert again.returncode == 2 and "401" in again.stderr
     # `chunk --profile` takes its TLS settings from the login directory
     key_file = write_private(tmp_path / "chunkd.key", "ck_e2e_secret\n")
-    chunkd, port = spawn_chunkd(tmp_path, ["--data", str(tmp_path / "data"), "--api-key-file",
-                                           str(key_file), "--tls-cert", str(certs / "server.crt"),
-                                           "--tls-key", str(certs / "server.key")])
+    chunkd, port = spawn_chunkd(
+        tmp_path,
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--api-key-file",
+            str(key_file),
+            "--tls-cert",
+            str(certs / "server.crt"),
+            "--tls-key",
+            str(certs / "server.key"),
+        ],
+    )
     processes.append(chunkd)
-    ping = _run([*CHUNK, "--profile", str(profile), "--server", f"127.0.0.1:{port}", "--api-key-file", str(key_file), "ping"])
+    ping = _run(
+        [
+            *CHUNK,
+            "--profile",
+            str(profile),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--api-key-file",
+            str(key_file),
+            "ping",
+        ]
+    )
     assert ping.returncode == 0, ping.stderr
-    no_profile = _run([*CHUNK, "--server", f"127.0.0.1:{port}", "--api-key-file", str(key_file), "--tls", "ping"])
+    no_profile = _run(
+        [*CHUNK, "--server", f"127.0.0.1:{port}", "--api-key-file", str(key_file), "--tls", "ping"]
+    )
     assert no_profile.returncode == 7  # our CA is not in the system trust store
     # the audit log recorded the issuance, without the token
     audit = (tmp_path / "state" / "audit.jsonl").read_text()
