@@ -347,3 +347,25 @@ def test_cli_config_check_and_ca_init(tmp_path: Path) -> None:
     audit = (ca_dir / "breakglass-audit.jsonl").read_text()
     assert '"identity": "breakglass/oncall"' in audit and '"ttl_clamped": true' in audit
     assert os.stat(tmp_path / "bg" / "client.key").st_mode & 0o077 == 0
+
+
+async def test_replayed_token_is_refused_after_a_restart(nursery: trio.Nursery,
+                                                          tmp_path: Path) -> None:
+    await nursery.start(serve_dev_idp, tmp_path / "idp", "127.0.0.1", 0)
+    issuer = (tmp_path / "idp" / "issuer").read_text().strip()
+    init_ca(tmp_path / "certs", trust_domain="test.l4proxy", server_names=["127.0.0.1"],
+            now=dt.datetime.now(dt.UTC))
+    config = _config(tmp_path, issuer, tmp_path / "certs")
+    token = DevIdp(tmp_path / "idp").mint_token(issuer=issuer, sub="restart", email="r@example.com",
+                                                groups=("eng",), now=time.time())
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+    statuses = []
+    for _run in range(2):  # the second control plane starts on the first one's state dir
+        async with trio.open_nursery() as run:
+            addresses = await run.start(run_control_plane, config)
+            host, port = addresses.control
+            _key, csr = _csr()
+            statuses.append((await call(f"https://{host}:{port}/v1/certificates", ctx=ctx,
+                                        body={"csr": csr}, token=token))[0])
+            run.cancel_scope.cancel()
+    assert statuses == [200, 401]
