@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from l4proxy.http import HttpRequest, HttpResponse, json_error, json_response, serve_http
+from l4proxy.netaddr import is_loopback_host
 
 __all__ = ["DEV_AUDIENCE", "DevIdp", "DevIdpError", "read_issuer", "serve_dev_idp"]
 
@@ -158,13 +158,6 @@ class DevIdp:
         }
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _issuer_url(host: str, port: int) -> str:
@@ -211,7 +204,7 @@ async def serve_dev_idp(dir: Path, host: str, port: int, *,
             must never be reachable from other machines).
         DevIdpError: see :class:`DevIdp`.
     """
-    if not _loopback(host):
+    if not is_loopback_host(host):
         raise ValueError(f"the dev identity provider listens on loopback only "
                          f"(127.0.0.1, ::1 or localhost), not {host!r}")
     idp = DevIdp(dir)

@@ -119,11 +119,18 @@ def chunkd_process(tmp_path: Path, api_key_file: Path, api_key: str) -> Iterator
         yield ChunkdProcess(host="127.0.0.1", port=port, api_key=api_key,
                             api_key_file=api_key_file, data_dir=data, proc=proc)
     finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child (kill it after 10 s) and close its pipes."""
+    if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stderr:
-            proc.stderr.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -65,7 +65,7 @@ from l4proxy.wire import (
     Welcome,
 )
 
-from .conftest import ChunkdProcess, spawn_chunkd, write_private
+from .conftest import ChunkdProcess, spawn_chunkd, stop_process, write_private
 
 SUBPROCESS_TIMEOUT = 30.0
 
@@ -526,14 +526,7 @@ def tls_chunkd(tmp_path: Path, api_key_file: Path, pki: Pki) -> Iterator[int]:
     try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stderr:
-            proc.stderr.close()
+        stop_process(proc)
 
 
 def test_tls_with_ca_file_server_name_and_client_cert(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import spawn_chunkd, write_private
+from .conftest import spawn_chunkd, stop_process, write_private
 
 L4 = [sys.executable, "-m", "l4proxy.cli"]
 CHUNK = [sys.executable, "-m", "l4proxy.client.cli"]
@@ -51,17 +51,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
+        stop_process(proc)
 
 def test_login_through_the_command_line(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
     certs, idp = tmp_path / "certs", tmp_path / "idp"

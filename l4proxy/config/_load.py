@@ -32,6 +32,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from l4proxy.durations import format_duration, parse_duration
+from l4proxy.netaddr import is_loopback_host
 from l4proxy.sizes import parse_size
 
 from ._model import (
@@ -525,13 +526,6 @@ def _parse_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
@@ -555,7 +549,7 @@ def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
     if not host:
         t.problem(key, "must name a host")
         return False
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback_host(host):
         t.problem(key, "must be https:// (http:// only for a loopback host: 127.0.0.0/8, ::1, localhost)")
         return False
     if parts.fragment or (not allow_query and parts.query):

@@ -27,7 +27,6 @@ Theory of operation, in three layers:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from l4proxy.config._model import JwksSourceKind, ProviderConfig
 from l4proxy.identity._model import VerifiedToken
 from l4proxy.identity._oidc import SUPPORTED_ALGORITHMS, UnknownKeyId, verify_id_token
+from l4proxy.netaddr import is_loopback_host
 
 __all__ = [
     "MAX_DISCOVERY_BYTES",
@@ -333,13 +333,6 @@ class JwksCache:
 # --- fetching (I/O) ----------------------------------------------------------------------
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_fetch_url(url: object) -> str:
@@ -365,7 +358,7 @@ def check_fetch_url(url: object) -> str:
     if scheme == "https":
         return url
     if scheme == "http":
-        if _is_loopback_host(host):
+        if is_loopback_host(host):
             return url
         raise JwksUnavailable(f"plain http:// is allowed for loopback hosts only, not {host!r}")
     raise JwksUnavailable(f"URL scheme {parts.scheme!r} not allowed (https only)")
@@ -392,7 +385,7 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
 def _http_get(url: str, *, timeout: float, cap: int) -> tuple[bytes, str | None]:
     """GET ``url`` (blocking; run in a thread): ``(body, Cache-Control header)``."""
     handlers: list[urllib.request.BaseHandler] = [_CheckedRedirects()]
-    if _is_loopback_host(urlsplit(url).hostname or ""):
+    if is_loopback_host(urlsplit(url).hostname or ""):
         handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
     opener = urllib.request.build_opener(*handlers)
     request = urllib.request.Request(url, headers={"Accept": "application/json",
