@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .netaddr import parse_host_port
 
 __all__ = ["main"]
 
@@ -30,10 +31,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0 picks a free one)."""
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
 
 
 def _duration(text: str) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from l4proxy.netaddr import parse_host_port
 from l4proxy.wire import Limits
 
 from ._errors import ChunkdConfigError
@@ -19,12 +20,11 @@ __all__ = ["main", "parse_listen"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0 picks a free one)."""
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
 
 
 def _size(text: str) -> int:

@@ -17,7 +17,6 @@ when they are not bare keys, so a control character cannot forge a line).
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from l4proxy.durations import format_duration, parse_duration
-from l4proxy.netaddr import is_loopback_host
+from l4proxy.netaddr import is_loopback_host, parse_host_port
 from l4proxy.sizes import parse_size
 
 from ._model import (
@@ -417,7 +416,7 @@ class _Table:
         if value is None:
             return None
         try:
-            return _parse_address(value)
+            return parse_host_port(value)
         except ValueError as exc:
             self.problem(key, f"expected HOST:PORT or [IPv6]:PORT: {exc}")
             return None
@@ -484,46 +483,11 @@ _DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
 _DNS_NAME_TEXT = "a lower-case DNS-like name: letters, digits, '-' and '.' (e.g. l4proxy.example.com)"
 _EMAIL_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})+", re.IGNORECASE)
 _EMAIL_DOMAIN_TEXT = "a domain name like example.com (without '@')"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?", re.IGNORECASE)
-_PORT = re.compile(r"[0-9]{1,5}")
 _GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _GATEWAY_ID_TEXT = "1 to 63 lower-case letters, digits and '-', starting with a letter or digit"
 _PROVIDER_NAME_TEXT = "1 to 32 lower-case letters, digits and '-', starting with a letter"
 
 
-def _parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` (port 0 lets the system pick).
-
-    Raises:
-        ValueError: why it is not an address (without echoing it).
-    """
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError("missing ']:PORT' after an IPv6 address")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError("not an IPv6 address inside the brackets") from None
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError("missing ':PORT'")
-        if ":" in host:
-            raise ValueError("an IPv6 address must be in brackets")
-        if not host:
-            raise ValueError("missing HOST")
-        if re.fullmatch(r"[0-9.]+", host):
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                raise ValueError("not an IPv4 address") from None
-        elif not _HOSTNAME.fullmatch(host):
-            raise ValueError("not a host name")
-    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
-        raise ValueError("the port must be a number from 0 to 65535")
-    return host, int(port_text)
 
 
 
