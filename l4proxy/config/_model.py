@@ -21,13 +21,20 @@ __all__ = [
     "HARD_MAX_CERT_TTL",
     "MAX_LEEWAY",
     "RESERVED_PROVIDER_NAMES",
+    "AccessRule",
     "CaConfig",
     "ClaimMapping",
+    "ClientCredentials",
     "Config",
     "ControlConfig",
+    "DeclaredScope",
     "GatewayConfig",
     "JwksSourceKind",
+    "LimitsConfig",
+    "ListenerConfig",
     "ProviderConfig",
+    "TargetConfig",
+    "TargetProtocol",
 ]
 
 #: hard cap on any client certificate's lifetime (seconds)
@@ -126,14 +133,110 @@ class CaConfig:
     breakglass_max_ttl: float = 3600.0
 
 
+class TargetProtocol(StrEnum):
+    CWP = "cwp"  # parsed, credential injected, re-encoded (per-request policy applies)
+    TCP = "tcp"  # opaque bytes: TLS, identity and connect checks only
+
+
+class ClientCredentials(StrEnum):
+    REFUSE = "refuse"  # a client HELLO carrying an API key is refused (CLIENT_CREDENTIAL_REFUSED)
+    STRIP = "strip"    # the key is removed (and, once recording exists, marked as a redaction)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessRule:
+    """Who may open sessions to a target: identity-name globs (``corp/*``) or groups."""
+
+    identities: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeclaredScope:
+    """What the target's credential can reach, when declared in the configuration (a CWP
+    service also reports it in WELCOME): name globs and access classes."""
+
+    buckets: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    access: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetConfig:
+    """An upstream service the gateway relays to.
+
+    The credential is read from ``credential_file`` or the environment variable
+    ``credential_env`` (never inline), at each upstream connect, so a rotated credential
+    file applies to the next session without a reload.
+    """
+
+    name: str
+    upstream: tuple[str, int]
+    protocol: TargetProtocol = TargetProtocol.CWP
+    #: TLS to the upstream: verify with ``upstream_ca`` (None: system trust store)
+    upstream_tls: bool = False
+    upstream_ca: Path | None = None
+    upstream_server_name: str | None = None
+    credential_file: Path | None = None
+    credential_env: str | None = None
+    client_credentials: ClientCredentials = ClientCredentials.REFUSE
+    #: SNI names that route to this target on listeners that serve several targets
+    server_names: tuple[str, ...] = ()
+    access: AccessRule = field(default_factory=AccessRule)
+    credential_scope: DeclaredScope | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    """A TLS listener: clients present an l4proxy certificate that chains to
+    ``client_ca`` (normally the CA's ``bundle.pem``). ``targets`` are the targets this
+    listener serves: with one, every session goes there; with several, the client's SNI
+    name picks one by the targets' ``server_names``."""
+
+    name: str
+    listen: tuple[str, int]
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """Bounds of the data path (seconds / bytes / counts)."""
+
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_sessions: int = 10_000
+    max_session_length: float = 8 * 3600.0
+    upstream_connect_timeout: float = 10.0
+    read_size: int = 256 << 10
+    #: bytes buffered per direction before the reader waits (backpressure)
+    max_buffered: int = 1 << 20
+    #: the longest client-certificate lifetime accepted (our own check, beyond TLS)
+    max_cert_lifetime: float = 24 * 3600.0
+    #: NOTICE + GOAWAY this long before the client certificate expires
+    expiry_notice: float = 60.0
+    #: the session may outlive its certificate by this much (0: never)
+    expiry_grace: float = 0.0
+    #: SIGTERM: how long sessions may drain before they are ended
+    drain_timeout: float = 30.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     gateway: GatewayConfig
     control: ControlConfig = field(default_factory=ControlConfig)
     providers: tuple[ProviderConfig, ...] = ()
     ca: CaConfig | None = None
+    listeners: tuple[ListenerConfig, ...] = ()
+    targets: tuple[TargetConfig, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: where the configuration was read from (None when built in code)
     source: Path | None = None
 
     def provider(self, name: str) -> ProviderConfig | None:
         return next((p for p in self.providers if p.name == name), None)
+
+    def target(self, name: str) -> TargetConfig | None:
+        return next((t for t in self.targets if t.name == name), None)
