@@ -54,10 +54,15 @@ def control_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
 
 
 async def run_control_plane(
-    config: Config, *, audit: AuditLog | None = None, clock: Callable[[], float] = time.time,
+    config: Config, *, audit: AuditLog | None = None, store: AsyncStateStore | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[ControlAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve enrollment and ops until cancelled; reports the bound addresses."""
+    """Serve enrollment and ops until cancelled; reports the bound addresses.
+
+    ``audit`` and ``store`` may be shared with the gateway; when not given they are
+    opened under ``gateway.state_dir`` and closed on exit.
+    """
     if config.ca is None:
         raise ControlPlaneError("the configuration has no [ca] section")
     try:
@@ -69,13 +74,16 @@ async def run_control_plane(
         raise ControlPlaneError(f"the CA in {config.ca.dir} is for trust domain "
                                 f"{ca.trust_domain!r}, the configuration says "
                                 f"{config.ca.trust_domain!r}")
-    store = SqliteStateStore.open(config.gateway.state_dir)
+    sqlite: SqliteStateStore | None = None
+    if store is None:
+        sqlite = SqliteStateStore.open(config.gateway.state_dir)
+        store = AsyncStateStore(sqlite)
+    astore = store
     own_audit = audit is None
     audit = audit or AuditLog(config.gateway.state_dir / "audit.jsonl", gateway_id=config.gateway.id)
     try:
         jwks = JwksManager(config.providers, clock=clock)
-        api = ControlApi(config, store=AsyncStateStore(store), ca=ca, jwks=jwks, audit=audit,
-                         clock=clock)
+        api = ControlApi(config, store=astore, ca=ca, jwks=jwks, audit=audit, clock=clock)
         ctx = control_ssl_context(ca)
         async with trio.open_nursery() as nursery:
             host, port = config.control.listen
@@ -101,6 +109,7 @@ async def run_control_plane(
             nursery.start_soon(jwks.warm_up)
             task_status.started(ControlAddresses(control=control, ops=ops, api=api))
     finally:
-        store.close()
+        if sqlite is not None:
+            sqlite.close()
         if own_audit:
             audit.close()

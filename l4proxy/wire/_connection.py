@@ -264,6 +264,11 @@ class Connection:
         return self._goaway_last
 
     @property
+    def last_request_id(self) -> int:
+        """The highest request id seen so far (sent or received); 0 before any."""
+        return self._last_request_id
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
         return len(self._buf) - self._pos
