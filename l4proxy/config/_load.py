@@ -12,6 +12,14 @@ at the first mistake: the result is every problem and warning in the file, and a
 Messages name keys, never values: a later section may hold a secret, and a config check's
 output ends up in CI logs. The only values echoed are key names themselves (quoted like TOML
 when they are not bare keys, so a control character cannot forge a line).
+
+The data path's sections come last: ``[limits]``, then ``[[targets]]``, then ``[[listeners]]``,
+which are checked against the targets (references, SNI routing) and the control addresses.
+A target's credential is only ever named by its source (``{ file = … }`` or ``{ env = … }``):
+an inline string is a problem whose message does not repeat it, a credential file is
+``stat()``-ed for its permissions but never read, and an environment variable is only tested
+for presence. Warnings flag what is valid but risky or useless: a credential that reaches
+everything, a target no listener serves, a setting a ``tcp`` target ignores.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ import difflib
 import json
 import logging
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
@@ -40,13 +50,20 @@ from ._model import (
     HARD_MAX_CERT_TTL,
     MAX_LEEWAY,
     RESERVED_PROVIDER_NAMES,
+    AccessRule,
     CaConfig,
     ClaimMapping,
+    ClientCredentials,
     Config,
     ControlConfig,
+    DeclaredScope,
     GatewayConfig,
     JwksSourceKind,
+    LimitsConfig,
+    ListenerConfig,
     ProviderConfig,
+    TargetConfig,
+    TargetProtocol,
 )
 
 __all__ = ["MAX_CONFIG_BYTES", "CheckResult", "ConfigError", "Problem", "check_config", "load_config"]
@@ -195,6 +212,8 @@ class _Missing(Enum):
 
 _MISSING: Final = _Missing.MISSING
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=StrEnum)
+_N = TypeVar("_N", int, float)
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -354,6 +373,18 @@ class _Table:
             return None
         return value
 
+    def choice(self, key: str, choices: type[_E]) -> _E | None:
+        """One of a string enum's values."""
+        value = self.string(key)
+        if value is None:
+            return None
+        try:
+            return choices(value)
+        except ValueError:
+            names = [f'"{member.value}"' for member in choices]
+            self.problem(key, f"must be {_or_list(names)}")
+            return None
+
     def integer(self, key: str, *, minimum: int) -> int | None:
         value = self._present(key, False)
         if value is _MISSING:
@@ -411,8 +442,8 @@ class _Table:
             return None
         return n
 
-    def address(self, key: str) -> tuple[str, int] | None:
-        value = self.string(key)
+    def address(self, key: str, *, required: bool = False) -> tuple[str, int] | None:
+        value = self.string(key, required=required)
         if value is None:
             return None
         try:
@@ -486,10 +517,27 @@ _EMAIL_DOMAIN_TEXT = "a domain name like example.com (without '@')"
 _GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _GATEWAY_ID_TEXT = "1 to 63 lower-case letters, digits and '-', starting with a letter or digit"
 _PROVIDER_NAME_TEXT = "1 to 32 lower-case letters, digits and '-', starting with a letter"
+#: target and listener names (targets appear in logs, metrics and policy rules)
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_NAME_TEXT = _PROVIDER_NAME_TEXT
+#: TLS server names (SNI, upstream verification): DNS names, any case (folded), no wildcards
+_SERVER_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*", re.IGNORECASE)
+_SERVER_NAME_TEXT = "a DNS name like chunks.gw.example (letters, digits, '-' and '.'; no wildcards)"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_ENV_NAME_TEXT = "an environment variable name: letters, digits and '_', not starting with a digit"
 
 
+def _matches_everything(glob: str) -> bool:
+    """True for a name glob that matches every name (``*``, ``**``, ...)."""
+    return set(glob) == {"*"}
 
 
+def _and(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _or_list(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
 def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
@@ -524,9 +572,9 @@ def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
 
 # --- the sections ---------------------------------------------------------------------------
 
-_TOP = ("gateway", "control", "identity", "ca")
+_TOP = ("gateway", "control", "identity", "ca", "limits", "targets", "listeners")
 #: sections later issues add; until then they are unknown keys with a hint
-_FUTURE = ("listeners", "targets", "recording", "limits", "policy", "masking", "approvals")
+_FUTURE = ("recording", "policy", "masking", "approvals")
 _GATEWAY = ("id", "state_dir")
 _CONTROL = ("listen", "ops_listen", "admin_groups", "rate_per_identity", "rate_per_address", "max_body")
 _CA = ("dir", "trust_domain", "breakglass_max_ttl")
@@ -540,6 +588,23 @@ _PROVIDER = (
 )
 _JWKS = ("url", "file")
 _CLAIM_MAPPING = ("claim", "value", "groups")
+_LIMITS = (
+    "handshake_timeout", "idle_timeout", "max_sessions", "max_session_length", "upstream_connect_timeout",
+    "read_size", "max_buffered", "max_cert_lifetime", "expiry_notice", "expiry_grace", "drain_timeout",
+)
+_TARGET = (
+    "name", "upstream", "protocol", "upstream_tls", "upstream_ca", "upstream_server_name", "credential",
+    "client_credentials", "server_names", "access", "credential_scope",
+)
+_CREDENTIAL = ("file", "env")
+_ACCESS = ("identities", "groups")
+_SCOPE = ("buckets", "tables", "access")
+_SCOPE_ACCESS = ("read", "write", "admin")
+_LISTENER = ("name", "listen", "server_cert", "server_key", "client_ca", "targets")
+#: bounds of [limits] sizes (bytes)
+_MIN_READ_SIZE = 4 << 10
+_MAX_READ_SIZE = 16 << 20
+_MAX_BUFFERED = 64 << 20
 
 
 def _build(data: Mapping[str, object], source: Path, col: _Collector) -> Config | None:
@@ -551,9 +616,14 @@ def _build(data: Mapping[str, object], source: Path, col: _Collector) -> Config 
     if providers and not root.has("ca"):
         col.problem("ca", "missing required table: identity providers are configured, and without a CA "
                           "nothing could mint their certificates")
+    limits = _limits(root)
+    targets = _targets(root)
+    listeners = _listeners(root, targets, control)
     if col.problems or gateway is None:
         return None
-    return Config(gateway=gateway, control=control, providers=providers, ca=ca, source=source)
+    return Config(gateway=gateway, control=control, providers=providers, ca=ca, limits=limits,
+                  targets=tuple(t.config for t in targets.found if t.config is not None),
+                  listeners=listeners, source=source)
 
 
 def _gateway(root: _Table) -> GatewayConfig | None:
@@ -809,3 +879,363 @@ def _claim_mappings(t: _Table) -> tuple[ClaimMapping, ...] | None:
         out.append(ClaimMapping(claim=claim, value=value, groups=groups))
     return tuple(out) if ok else None
 
+
+def _ordered(t: _Table, low_key: str, low: _N | None, low_default: _N, high_key: str, high: _N | None,
+             high_default: _N, *, strict: bool) -> None:
+    """Report when ``low_key`` is above (``strict``: not below) ``high_key``, each as given, else its
+    default; at the key that was given (the low one when both were), naming the other."""
+    lo = _given_or_default(t, low_key, low, low_default)
+    hi = _given_or_default(t, high_key, high, high_default)
+    if lo is None or hi is None or (lo < hi if strict else lo <= hi):
+        return
+    if t.has(low_key):
+        relation = "must be less than" if strict else "must not exceed"
+        default = "" if t.has(high_key) else " (its default)"
+        t.problem(low_key, f"{relation} {t.at(high_key)}{default}")
+    else:
+        relation = "must be more than" if strict else "must be at least"
+        t.problem(high_key, f"{relation} {t.at(low_key)} (its default)")
+
+
+# --- the data path: limits, targets, listeners ----------------------------------------------
+
+
+def _limits(root: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    t = root.table("limits", _LIMITS)
+    if t is None:
+        return d
+    handshake_timeout = t.duration("handshake_timeout")
+    idle_timeout = t.duration("idle_timeout")
+    max_sessions = t.integer("max_sessions", minimum=1)
+    max_session_length = t.duration("max_session_length")
+    upstream_connect_timeout = t.duration("upstream_connect_timeout")
+    read_size = t.size("read_size", minimum=_MIN_READ_SIZE, maximum=_MAX_READ_SIZE,
+                       range_text="from 4KiB to 16MiB")
+    max_buffered = t.size("max_buffered", minimum=_MIN_READ_SIZE, maximum=_MAX_BUFFERED,
+                          range_text="from 4KiB to 64MiB")
+    _ordered(t, "read_size", read_size, d.read_size, "max_buffered", max_buffered, d.max_buffered,
+             strict=False)
+    max_cert_lifetime = t.duration("max_cert_lifetime", maximum=HARD_MAX_CERT_TTL,
+                                   maximum_text="24h (the hard cap on certificate lifetimes)")
+    expiry_notice = t.duration("expiry_notice")
+    _ordered(t, "expiry_notice", expiry_notice, d.expiry_notice, "max_session_length", max_session_length,
+             d.max_session_length, strict=True)
+    expiry_grace = t.duration("expiry_grace", positive=False)
+    drain_timeout = t.duration("drain_timeout")
+    return LimitsConfig(
+        handshake_timeout=_or(handshake_timeout, d.handshake_timeout),
+        idle_timeout=_or(idle_timeout, d.idle_timeout),
+        max_sessions=_or(max_sessions, d.max_sessions),
+        max_session_length=_or(max_session_length, d.max_session_length),
+        upstream_connect_timeout=_or(upstream_connect_timeout, d.upstream_connect_timeout),
+        read_size=_or(read_size, d.read_size),
+        max_buffered=_or(max_buffered, d.max_buffered),
+        max_cert_lifetime=_or(max_cert_lifetime, d.max_cert_lifetime),
+        expiry_notice=_or(expiry_notice, d.expiry_notice),
+        expiry_grace=_or(expiry_grace, d.expiry_grace),
+        drain_timeout=_or(drain_timeout, d.drain_timeout),
+    )
+
+
+@dataclass(slots=True)
+class _FoundTarget:
+    """One ``[[targets]]`` entry as far as it could be read (for the listeners' checks)."""
+
+    path: str
+    name: str | None
+    #: None when the entry has a problem
+    config: TargetConfig | None
+    #: None when ``server_names`` itself is invalid (its problem is reported)
+    server_names: tuple[str, ...] | None
+
+
+@dataclass(slots=True)
+class _Targets:
+    found: list[_FoundTarget]
+    #: False when ``targets`` itself is malformed: a listener's reference cannot be judged
+    known: bool
+
+    def named(self, name: str) -> _FoundTarget | None:
+        return next((f for f in self.found if f.name == name), None)
+
+
+_CREDENTIAL_FORM = 'must be { file = "PATH" } or { env = "VARIABLE" }'
+_TCP_UNUSED = "has no effect on a tcp target: its bytes are relayed unparsed"
+
+
+def _targets(root: _Table) -> _Targets:
+    tables = root.tables("targets", _TARGET)
+    if tables is None:
+        return _Targets(found=[], known=not root.has("targets"))
+    names: dict[str, str] = {}
+    found = [_target(t, names) for t in tables]
+    raw = root.raw("targets")
+    # an entry that is not a table, or has no valid name, might be the one a listener names
+    known = isinstance(raw, list) and len(raw) == len(tables) and all(f.name is not None for f in found)
+    return _Targets(found=found, known=known)
+
+
+def _target(t: _Table, names: dict[str, str]) -> _FoundTarget:
+    name = t.string("name", required=True, pattern=_NAME, expected=_NAME_TEXT)
+    if name is not None:
+        if name in names:
+            t.problem("name", f"duplicate target name (same as {names[name]})")
+        else:
+            names[name] = t.at("name")
+    upstream = t.address("upstream", required=True)
+    if upstream is not None and upstream[1] == 0:
+        t.problem("upstream", "port 0 is not a destination: give the service's port")
+        upstream = None
+    protocol = t.choice("protocol", TargetProtocol)
+    # protocol-specific rules only when the protocol is known (as given, or the default)
+    known_protocol = _given_or_default(t, "protocol", protocol, TargetProtocol.CWP)
+    cwp = known_protocol is TargetProtocol.CWP
+
+    upstream_tls = t.boolean("upstream_tls")
+    upstream_ca = t.path_value("upstream_ca")
+    server_name = t.string("upstream_server_name", pattern=_SERVER_NAME, expected=_SERVER_NAME_TEXT)
+    if upstream_tls is False or not t.has("upstream_tls"):  # off (an invalid value is reported already)
+        for key in ("upstream_ca", "upstream_server_name"):
+            if t.has(key):
+                t.problem(key, "only applies with upstream_tls = true")
+
+    credential = _credential(t, check_source=cwp)
+    client_credentials = t.choice("client_credentials", ClientCredentials)
+    server_names = t.string_list("server_names", pattern=_SERVER_NAME, expected=_SERVER_NAME_TEXT, fold=True)
+    access = _access(t)
+    scope = _scope(t)
+
+    if known_protocol is TargetProtocol.TCP:
+        for key in ("credential", "client_credentials", "credential_scope"):
+            if t.has(key):
+                t.col.warn(t.at(key), _TCP_UNUSED)
+    elif cwp:
+        if not t.has("credential"):
+            t.problem("credential", f"missing required key: a cwp target needs the service's credential "
+                                    f"(the gateway injects it upstream); {_CREDENTIAL_FORM}")
+        if scope is not None:
+            _warn_broad_scope(t, scope)
+        elif not t.has("credential_scope"):
+            t.col.warn(t.path, "declare credential_scope (chunkd reports it in WELCOME) so config check can "
+                               "tell whether the credential is broader than needed")
+
+    names_in_use = _given_or_default(t, "server_names", server_names, ())
+    if name is None or upstream is None or credential is None or access is None or names_in_use is None:
+        return _FoundTarget(path=t.path, name=name, config=None, server_names=names_in_use)
+    d = TargetConfig(name=name, upstream=upstream)
+    config = TargetConfig(
+        name=name,
+        upstream=upstream,
+        protocol=_or(protocol, d.protocol),
+        upstream_tls=_or(upstream_tls, d.upstream_tls),
+        upstream_ca=upstream_ca,
+        upstream_server_name=None if server_name is None else server_name.lower(),
+        credential_file=credential[0],
+        credential_env=credential[1],
+        client_credentials=_or(client_credentials, d.client_credentials),
+        server_names=names_in_use,
+        access=access,
+        credential_scope=scope,
+    )
+    return _FoundTarget(path=t.path, name=name, config=config, server_names=names_in_use)
+
+
+def _credential(t: _Table, *, check_source: bool) -> tuple[Path | None, str | None] | None:
+    """``credential = { file = "PATH" }`` or ``{ env = "VARIABLE" }``: (file, env); (None, None)
+    when absent; None when invalid. The value itself is never echoed: a string here is most
+    likely the secret."""
+    value = t.raw("credential")
+    if value is _MISSING:
+        return None, None
+    if isinstance(value, str):
+        t.problem("credential", f"{_CREDENTIAL_FORM}: the credential itself never goes in the configuration")
+        return None
+    if not isinstance(value, dict):
+        t.problem("credential", f"{_CREDENTIAL_FORM}, got {_kind(value)}")
+        return None
+    ct = t.table("credential", _CREDENTIAL)
+    assert ct is not None
+    if ct.has("file") == ct.has("env"):
+        t.problem("credential", "set exactly one of file or env")
+        return None
+    if ct.has("file"):
+        path = ct.path_value("file")
+        if path is None:
+            return None
+        if check_source:
+            _check_credential_file(ct, "file", path)
+        return path, None
+    env = ct.string("env", pattern=_ENV_NAME, expected=_ENV_NAME_TEXT)
+    if env is None:
+        return None
+    if check_source and env not in os.environ:
+        ct.col.warn(ct.at("env"), "the environment variable is not set here: sessions to this target fail "
+                                  "unless the gateway runs with it set")
+    return None, env
+
+
+def _check_credential_file(t: _Table, key: str, path: Path) -> None:
+    """A credential file must be private (the gateway refuses it otherwise); it may not exist yet,
+    as it is read at each upstream connect. Its content is never read here."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        t.col.warn(t.at(key), "does not exist yet: it is read at each upstream connect, and sessions to this "
+                              "target fail until it exists")
+        return
+    except OSError as exc:
+        t.col.warn(t.at(key), f"cannot be checked ({exc.strerror or type(exc).__name__}): it is read at each "
+                              "upstream connect")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        t.problem(key, "not a regular file")
+    elif st.st_mode & 0o077:
+        t.problem(key, f"accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}): run chmod 600 "
+                       "(the gateway refuses to use it)")
+
+
+def _access(t: _Table) -> AccessRule | None:
+    at = t.table("access", _ACCESS)
+    if at is None:
+        if not t.has("access"):
+            t.problem("access", "missing required table: it says who may open sessions (without it nobody "
+                                "could connect)")
+        return None
+    identities = _identity_globs(at)
+    groups = at.string_list("groups")
+    if (identities is None and at.has("identities")) or (groups is None and at.has("groups")):
+        return None  # reported; what it meant is unknown
+    rule = AccessRule(identities=_or(identities, ()), groups=_or(groups, ()))
+    if not rule.identities and not rule.groups:
+        t.problem("access", "grants nobody: set identities or groups (nobody could connect)")
+        return None
+    return rule
+
+
+def _identity_globs(t: _Table) -> tuple[str, ...] | None:
+    """``PROVIDER/SUBJECT`` globs (``corp/alice``, ``ci/acme/*``); one that matches everyone is
+    allowed with a warning."""
+    globs = t.string_list("identities")
+    if globs is None:
+        return None
+    ok = True
+    for i, glob in enumerate(globs):
+        path = f"{t.at('identities')}[{i}]"
+        provider, sep, subject = glob.partition("/")
+        everyone = _matches_everything(provider) and (not sep or _matches_everything(subject))
+        if everyone:
+            t.col.warn(path, "matches every identity: anyone who can enroll may connect")
+        elif not (sep and provider and subject):
+            t.col.problem(path, "must be PROVIDER/SUBJECT, globs allowed (e.g. corp/alice, ci/acme/*)")
+            ok = False
+    return globs if ok else None
+
+
+def _scope(t: _Table) -> DeclaredScope | None:
+    st = t.table("credential_scope", _SCOPE)
+    if st is None:
+        return None
+    buckets = st.string_list("buckets")
+    tables = st.string_list("tables")
+    access = st.string_list("access", choices=_SCOPE_ACCESS)
+    if any(value is None and st.has(key) for key, value in
+           (("buckets", buckets), ("tables", tables), ("access", access))):
+        return None
+    return DeclaredScope(buckets=_or(buckets, ()), tables=_or(tables, ()), access=_or(access, ()))
+
+
+def _warn_broad_scope(t: _Table, scope: DeclaredScope) -> None:
+    """Warn when a credential reaches everything: a gateway holding such a key fails open the
+    moment any rule in front of it is wrong. (Until per-request policy exists, connect access
+    grants whatever the credential reaches.)"""
+    broad: list[str] = []
+    for kind, globs in (("bucket", scope.buckets), ("table", scope.tables)):
+        glob = next((g for g in globs if _matches_everything(g)), None)
+        if glob is not None:
+            broad.append(f'every {kind} ("{glob}")')  # only '*'s: safe to echo
+    if "admin" in scope.access:
+        broad.append("admin access")
+    if broad:
+        t.col.warn(t.at("credential_scope"), f"the credential reaches {_and(broad)}; give the gateway a key "
+                                             "scoped to what its policy grants")
+
+
+def _listeners(root: _Table, targets: _Targets, control: ControlConfig) -> tuple[ListenerConfig, ...]:
+    tables = root.tables("listeners", _LISTENER)
+    given_control = root.raw("control")
+    taken: list[tuple[tuple[str, int], str]] = []
+    for key, address in (("listen", control.listen), ("ops_listen", control.ops_listen)):
+        default = "" if isinstance(given_control, dict) and key in given_control else " (its default)"
+        taken.append((address, f"control.{key}{default}"))
+    names: dict[str, str] = {}
+    served: set[str] = set()
+    out: list[ListenerConfig] = []
+    # whether every listener's targets are known, so that an unserved target is certain
+    complete = tables is not None or not root.has("listeners")
+    raw = root.raw("listeners")
+    if tables is not None and not (isinstance(raw, list) and len(raw) == len(tables)):
+        complete = False
+    for lt in tables or ():
+        listener, refs_known = _listener(lt, names, taken, targets, served)
+        complete = complete and refs_known
+        if listener is not None:
+            out.append(listener)
+    if complete:
+        for found in targets.found:
+            if found.name is not None and found.name not in served:
+                root.col.warn(found.path, "no listener serves this target: it is unreachable")
+    return tuple(out)
+
+
+def _listener(t: _Table, names: dict[str, str], taken: list[tuple[tuple[str, int], str]], targets: _Targets,
+              served: set[str]) -> tuple[ListenerConfig | None, bool]:
+    """One ``[[listeners]]`` entry; also whether its ``targets`` could be read."""
+    name = t.string("name", required=True, pattern=_NAME, expected=_NAME_TEXT)
+    if name is not None:
+        if name in names:
+            t.problem("name", f"duplicate listener name (same as {names[name]})")
+        else:
+            names[name] = t.at("name")
+    listen = t.address("listen", required=True)
+    if listen is not None and listen[1] != 0:  # port 0: the system picks distinct ports
+        clash = next((where for address, where in taken if address == listen), None)
+        if clash is not None:
+            t.problem("listen", f"same address as {clash}")
+        else:
+            taken.append((listen, t.at("listen")))
+    server_cert = t.path_value("server_cert", required=True)
+    server_key = t.path_value("server_key", required=True)
+    client_ca = t.path_value("client_ca", required=True)
+    refs = t.string_list("targets", required=True, nonempty=True)
+    if refs is None:
+        return None, False
+    ok = True
+    picked: dict[str, str] = {}  # server name -> the target path it picks on this listener
+    for j, ref in enumerate(refs):
+        path = f"{t.at('targets')}[{j}]"
+        found = targets.named(ref)
+        if found is None:
+            if targets.known:
+                t.col.problem(path, "no such target (no [[targets]] entry has this name)")
+            ok = False
+            continue
+        served.add(ref)
+        if len(refs) == 1 or found.server_names is None:
+            continue
+        if not found.server_names:
+            t.col.problem(path, f"this listener serves several targets, so {found.path} needs server_names "
+                                "(the client's TLS server name picks the target)")
+            continue
+        shared = next((picked[n] for n in found.server_names if n in picked), None)
+        if shared is not None:
+            t.col.problem(path, f"{found.path} shares a server name with {shared}: on one listener each name "
+                                "must pick one target")
+        for server_name in found.server_names:
+            picked.setdefault(server_name, found.path)
+    if not ok or name is None or listen is None:
+        return None, True
+    if server_cert is None or server_key is None or client_ca is None:
+        return None, True
+    return ListenerConfig(name=name, listen=listen, server_cert=server_cert, server_key=server_key,
+                          client_ca=client_ca, targets=refs), True

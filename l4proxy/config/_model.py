@@ -5,8 +5,7 @@ every problem it finds as ``dotted.key.path: message``. Everything downstream ta
 objects, never raw TOML. Durations are seconds (float), sizes bytes (int); paths are
 resolved relative to the configuration file's directory.
 
-Later issues add ``listeners``, ``targets``, ``recording``, ``limits``, ``policy``,
-``masking`` and ``approvals`` here.
+Later issues add ``recording``, ``policy``, ``masking`` and ``approvals`` here.
 """
 
 from __future__ import annotations
