@@ -1,6 +1,6 @@
 """The state store against real SQLite files in a temp dir (no mocks): single-use tokens
-with the retry rule, rate limits, expiry, schema versions and migrations, file modes,
-concurrency, and the async wrapper under trio.
+with the retry rule, rate limits, locks, expiry, schema versions and migrations, file
+modes, concurrency, and the async wrapper under trio.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ import trio
 
 import l4proxy.store
 from l4proxy.store import (
+    MAX_LOCK_REASON,
     MIGRATIONS,
     SCHEMA_VERSION,
     STATE_FILE_NAME,
     TOKEN_RETRY_WINDOW,
     AsyncStateStore,
     ClaimKind,
+    Lock,
+    LockKind,
+    LockSet,
+    LockSpec,
     RateDecision,
     SchemaTooNew,
     SqliteStateStore,
@@ -32,6 +37,8 @@ from l4proxy.store import (
     StoreCorrupt,
     StoreError,
     TokenClaim,
+    is_lock_id,
+    normalize_lock_value,
 )
 from l4proxy.store._sqlite import APPLICATION_ID, _migrate, _statements
 
@@ -244,6 +251,224 @@ def test_rate_limit_arguments_are_checked(store: SqliteStateStore, limit: int, p
         store.rate_limit("addr:127.0.0.1", limit=limit, per_seconds=per, now=T0)
 
 
+# --- locks ---------------------------------------------------------------------------------
+
+
+def _spec(kind: LockKind = LockKind.IDENTITY, value: str = "corp/mallory", *,
+          until: float | None = None, reason: str = "stolen laptop",
+          created_by: str = "corp/root") -> LockSpec:
+    return LockSpec(kind=kind, value=value, until=until, reason=reason, created_by=created_by)
+
+
+def test_add_list_and_remove_a_lock(store: SqliteStateStore) -> None:
+    assert store.list_locks(now=T0) == []
+    lock = store.add_lock(_spec(), now=T0)
+    assert is_lock_id(lock.id)
+    assert lock == Lock(id=lock.id, kind=LockKind.IDENTITY, value="corp/mallory", until=None,
+                        reason="stolen laptop", created_by="corp/root", created_at=T0)
+    group = store.add_lock(_spec(LockKind.GROUP, "contractors", until=T0 + 60, reason=""),
+                           now=T0 + 1)
+    assert group.id != lock.id
+    assert store.list_locks(now=T0 + 2) == [lock, group]  # oldest first
+    assert store.get_lock(group.id) == group
+    assert store.remove_lock(lock.id) is True
+    assert store.remove_lock(lock.id) is False  # gone
+    assert store.get_lock(lock.id) is None
+    assert store.list_locks(now=T0 + 2) == [group]
+    # unknown and malformed ids are simply not there
+    assert store.remove_lock("0" * 32) is False
+    assert store.remove_lock("../../etc") is False
+    assert store.get_lock("") is None
+
+
+def test_a_lock_ends_at_its_until(store: SqliteStateStore) -> None:
+    timed = store.add_lock(_spec(until=T0 + 100), now=T0)
+    forever = store.add_lock(_spec(LockKind.GROUP, "contractors"), now=T0)
+    assert store.list_locks(now=T0 + 99.9) == [timed, forever]
+    assert store.list_locks(now=T0 + 100) == [forever]  # until is exclusive
+    assert store.active_locks(now=T0 + 100).locks == (forever,)
+    assert timed.is_active(T0 + 99.9) and not timed.is_active(T0 + 100)
+    # the expired lock is still a row (it can be looked up) until purged
+    assert store.get_lock(timed.id) == timed
+    version = store.locks_version()
+    assert store.purge_expired(T0 + 99) == 0
+    assert store.purge_expired(T0 + 100) == 1
+    assert store.get_lock(timed.id) is None
+    assert store.list_locks(now=T0 + 10_000) == [forever]
+    # expiry and purging change no decision: the version stays
+    assert store.locks_version() == version
+
+
+def test_a_lock_must_end_in_the_future(store: SqliteStateStore) -> None:
+    with pytest.raises(ValueError, match="future"):
+        store.add_lock(_spec(until=T0), now=T0)
+    with pytest.raises(ValueError, match="future"):
+        store.add_lock(_spec(until=T0 - 1), now=T0)
+    with pytest.raises(ValueError, match="now"):
+        store.add_lock(_spec(), now=float("nan"))
+    with pytest.raises(ValueError, match="LockSpec"):
+        store.add_lock("corp/mallory", now=T0)  # type: ignore[arg-type]
+    assert store.list_locks(now=T0) == [] and store.locks_version() == 0
+
+
+def test_locks_version_counts_every_add_and_remove(store: SqliteStateStore) -> None:
+    assert store.locks_version() == 0
+    a = store.add_lock(_spec(), now=T0)
+    assert store.locks_version() == 1
+    b = store.add_lock(_spec(LockKind.SERIAL, "0AFF"), now=T0)
+    assert store.locks_version() == 2
+    assert store.active_locks(now=T0).version == 2
+    assert store.remove_lock(a.id)
+    assert store.locks_version() == 3
+    assert not store.remove_lock(a.id)  # nothing removed, nothing changed
+    assert store.locks_version() == 3
+    snapshot = store.active_locks(now=T0)
+    assert snapshot.version == 3 and snapshot.locks == (b,)
+    # reads never bump it
+    store.list_locks(now=T0)
+    store.get_lock(b.id)
+    assert store.locks_version() == 3
+
+
+def test_lock_set_matches_identity_group_and_serial(store: SqliteStateStore) -> None:
+    by_identity = store.add_lock(_spec(LockKind.IDENTITY, "corp/mallory"), now=T0)
+    by_group = store.add_lock(_spec(LockKind.GROUP, "contractors"), now=T0)
+    by_serial = store.add_lock(_spec(LockKind.SERIAL, "00:0A:FF"), now=T0)
+    assert by_serial.value == "aff"
+    locks = store.active_locks(now=T0)
+    assert len(locks) == 3 and list(locks) == [by_identity, by_group, by_serial]
+    assert locks.match("corp/mallory", (), 0) == by_identity
+    assert locks.match("corp/alice", ["eng", "contractors"], 0) == by_group
+    assert locks.match("corp/alice", ("eng",), 0xAFF) == by_serial
+    # the identity is checked first, then groups, then the serial
+    assert locks.match("corp/mallory", ("contractors",), 0xAFF) == by_identity
+    assert locks.match("corp/alice", ("contractors",), 0xAFF) == by_group
+    # nothing else matches: not a prefix, not another provider, not case-folded
+    for name, groups, serial in [("corp/alice", ("eng",), 0xAFE), ("corp/mallory2", (), 1),
+                                 ("other/mallory", (), 0), ("corp/Mallory", (), 0),
+                                 ("corp/alice", ("Contractors", "contractor"), 0xAFF0),
+                                 ("corp/alice", (), 0), ("corp/alice", (), -0xAFF)]:
+        assert locks.match(name, groups, serial) is None, (name, groups, serial)
+    assert LockSet().match("corp/mallory", ("contractors",), 0xAFF) is None
+
+
+def test_serial_zero_never_matches(store: SqliteStateStore) -> None:
+    # enrollment matches with serial 0 (no certificate yet); no lock can hold serial 0
+    with pytest.raises(ValueError, match="positive"):
+        _spec(LockKind.SERIAL, "00")
+    store.add_lock(_spec(LockKind.SERIAL, "1"), now=T0)
+    assert store.active_locks(now=T0).match("corp/alice", (), 0) is None
+    assert store.active_locks(now=T0).match("corp/alice", (), 1) is not None
+
+
+def test_a_cached_lock_set_stops_matching_when_a_lock_expires(store: SqliteStateStore) -> None:
+    short = store.add_lock(_spec(until=T0 + 10), now=T0)
+    longer = store.add_lock(_spec(until=T0 + 20), now=T0)
+    locks = store.active_locks(now=T0)
+    assert locks.next_expiry == T0 + 10
+    # of two locks on one value, the one that lasts longer answers
+    assert locks.match("corp/mallory", (), 0, now=T0 + 5) == longer
+    assert locks.match("corp/mallory", (), 0, now=T0 + 15) == longer
+    assert locks.match("corp/mallory", (), 0, now=T0 + 20) is None
+    assert locks.match("corp/mallory", (), 0) == longer  # without now: as read
+    forever = store.add_lock(_spec(), now=T0)
+    locks = store.active_locks(now=T0)
+    assert locks.match("corp/mallory", (), 0, now=T0 + 10**6) == forever
+    assert locks.next_expiry == T0 + 10
+    assert store.active_locks(now=T0 + 30).next_expiry is None
+    assert short.until == T0 + 10
+
+
+@pytest.mark.parametrize(("kind", "value", "normal"), [
+    (LockKind.SERIAL, "0AFF", "aff"),
+    (LockKind.SERIAL, "0x00aFf", "aff"),
+    (LockKind.SERIAL, "0a:ff", "aff"),
+    (LockKind.SERIAL, " 1 ", "1"),
+    (LockKind.SERIAL, "7f" + "ff" * 19, "7f" + "ff" * 19),
+    (LockKind.IDENTITY, "corp/a/b c", "corp/a/b c"),
+    (LockKind.IDENTITY, "breakglass/oncall", "breakglass/oncall"),
+    (LockKind.GROUP, "Ops Team", "Ops Team"),
+    ("group", "eng", "eng"),
+])
+def test_lock_values_are_normalised(kind: LockKind, value: str, normal: str) -> None:
+    assert normalize_lock_value(kind, value) == normal
+    assert _spec(LockKind(kind), value).value == normal
+
+
+@pytest.mark.parametrize(("kind", "value", "message"), [
+    (LockKind.SERIAL, "", "non-empty"),
+    (LockKind.SERIAL, "xyz", "hexadecimal"),
+    (LockKind.SERIAL, "-1", "hexadecimal"),
+    (LockKind.SERIAL, "0a::ff", "hexadecimal"),
+    (LockKind.SERIAL, "0", "positive"),
+    (LockKind.SERIAL, "1" + "00" * 20, "20 octets"),
+    (LockKind.SERIAL, "a" * 100_000 + "!", "hexadecimal"),  # long input: rejected fast
+    (LockKind.IDENTITY, "mallory", "PROVIDER/SUBJECT"),
+    (LockKind.IDENTITY, "corp/", "PROVIDER/SUBJECT"),
+    (LockKind.IDENTITY, "/mallory", "PROVIDER/SUBJECT"),
+    (LockKind.IDENTITY, "Corp/mallory", "PROVIDER/SUBJECT"),
+    (LockKind.IDENTITY, "corp/mal\nlory", "control characters"),
+    (LockKind.GROUP, "", "non-empty"),
+    (LockKind.GROUP, "a" * 1025, "longer than"),
+    (LockKind.GROUP, "eng\x00", "control characters"),
+    ("user", "corp/mallory", "not a valid LockKind"),
+])
+def test_malformed_lock_values_are_refused(kind: LockKind, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        normalize_lock_value(kind, value)
+
+
+def test_lock_spec_checks_its_fields() -> None:
+    assert _spec(reason="").reason == ""
+    assert _spec(reason="x" * MAX_LOCK_REASON).reason == "x" * MAX_LOCK_REASON
+    with pytest.raises(ValueError, match="longer than 500"):
+        _spec(reason="x" * (MAX_LOCK_REASON + 1))
+    with pytest.raises(ValueError, match="control characters"):
+        _spec(reason="line one\nline two")
+    with pytest.raises(ValueError, match="created_by"):
+        _spec(created_by="")
+    with pytest.raises(ValueError, match="until"):
+        _spec(until=float("inf"))
+    assert _spec(until=T0).until == T0 and isinstance(_spec(until=int(T0)).until, float)
+
+
+def test_identity_provider_names_agree_with_the_identity_package() -> None:
+    from l4proxy.identity import PROVIDER_NAME
+    from l4proxy.store._base import _PROVIDER_NAME
+
+    assert _PROVIDER_NAME.pattern == PROVIDER_NAME.pattern
+
+
+def test_locks_survive_a_restart(state_dir: Path) -> None:
+    with SqliteStateStore.open(state_dir) as store:
+        kept = store.add_lock(_spec(until=T0 + 3600), now=T0)
+        gone = store.add_lock(_spec(LockKind.GROUP, "contractors"), now=T0)
+        assert store.remove_lock(gone.id)
+    with SqliteStateStore.open(state_dir) as store:
+        assert store.list_locks(now=T0 + 1) == [kept]
+        assert store.locks_version() == 3  # the counter only grows, across restarts too
+        assert store.active_locks(now=T0 + 1).match("corp/mallory", (), 0) == kept
+
+
+def test_locks_are_shared_between_connections(state_dir: Path) -> None:
+    # a gateway and the control plane (or an admin command) on one file
+    with SqliteStateStore.open(state_dir) as gateway, SqliteStateStore.open(state_dir) as control:
+        seen = gateway.locks_version()
+        lock = control.add_lock(_spec(), now=T0)
+        assert gateway.locks_version() == seen + 1
+        assert gateway.active_locks(now=T0).match("corp/mallory", (), 0) == lock
+
+
+def test_a_closed_store_refuses_lock_calls(store: SqliteStateStore) -> None:
+    lock = store.add_lock(_spec(), now=T0)
+    store.close()
+    for call in (lambda: store.add_lock(_spec(), now=T0), lambda: store.list_locks(now=T0),
+                 lambda: store.get_lock(lock.id), lambda: store.remove_lock(lock.id),
+                 lambda: store.active_locks(now=T0), lambda: store.locks_version()):
+        with pytest.raises(StoreError, match="closed"):
+            call()
+
+
 # --- the file, the schema and migrations ---------------------------------------------------
 
 
@@ -287,13 +512,35 @@ def test_migrations_from_an_empty_file_reach_the_current_version(tmp_path: Path)
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
-    assert {"token_claims", "rate_events", "write_probe"} <= tables
+    assert {"token_claims", "rate_events", "write_probe", "locks", "lock_version"} <= tables
     # reopening an up-to-date store migrates nothing and keeps the data
     with SqliteStateStore(path) as store:
         _issue(store)
     with SqliteStateStore(path) as store:
         assert store.schema_version == SCHEMA_VERSION
         assert store.claim_token(KEY, binding=OTHER_KEY, expires_at=EXP, now=T0 + 2) == REUSED
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert _migrate(db, MIGRATIONS[:1], path=path) == 1  # what the first release created
+        db.execute("INSERT INTO token_claims (replay_key, binding, claimed_at, expires_at) "
+                   "VALUES (?, ?, ?, ?)", (KEY, ALICE_KEY, T0, EXP))
+    finally:
+        db.close()
+    with SqliteStateStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        # the replay record survived the migration
+        assert store.claim_token(KEY, binding=ALICE_KEY, expires_at=EXP, now=T0 + 1) == REUSED
+        assert store.locks_version() == 0 and store.list_locks(now=T0) == []
+        lock = store.add_lock(_spec(), now=T0)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("SELECT id, kind, value FROM locks").fetchall() == \
+            [(lock.id, "identity", "corp/mallory")]
+    db.close()
 
 
 def test_each_migration_is_one_transaction(tmp_path: Path) -> None:
@@ -392,6 +639,7 @@ def test_a_closed_store_says_so(store: SqliteStateStore) -> None:
     store.close()  # idempotent
     for call in (lambda: store.check_writable(),
                  lambda: store.purge_expired(T0),
+                 lambda: store.locks_version(),
                  lambda: store.claim_token(KEY, binding=ALICE_KEY, expires_at=EXP, now=T0),
                  lambda: store.rate_limit("k", limit=1, per_seconds=1, now=T0)):
         with pytest.raises(StoreError, match="closed"):
@@ -438,6 +686,18 @@ async def test_async_wrapper_gives_the_same_results(state_dir: Path) -> None:
         assert await store.purge_expired(EXP + 1) == 2
         with pytest.raises(ValueError):
             await store.rate_limit("k", limit=0, per_seconds=10, now=T0)
+        # locks
+        assert await store.locks_version() == 0
+        lock = await store.add_lock(_spec(until=T0 + 60), now=T0)
+        assert await store.list_locks(now=T0) == [lock]
+        assert await store.get_lock(lock.id) == lock
+        locks = await store.active_locks(now=T0)
+        assert locks.version == await store.locks_version() == 1
+        assert locks.match("corp/mallory", (), 0) == lock
+        assert await store.remove_lock(lock.id) is True
+        assert await store.remove_lock(lock.id) is False
+        assert (await store.active_locks(now=T0)).match("corp/mallory", (), 0) is None
+        assert await store.locks_version() == 2
     with pytest.raises(StoreError, match="closed"):
         await store.check_writable()
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +48,8 @@ from l4proxy.identity import (
     load_csr,
 )
 from l4proxy.store import AsyncStateStore, ClaimKind
+
+from ._locks import handle_locks
 
 __all__ = ["ControlApi", "Readiness"]
 
@@ -89,6 +91,8 @@ class ControlApi:
         self.audit = audit
         self.clock = clock
         self.readiness = Readiness()
+        #: set by the process that can reload (``POST /v1/admin/reload``)
+        self.reload_hook: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.registry = CollectorRegistry()
         self.m_requests = Counter("l4proxy_control_requests_total", "Control API requests",
                                   ["endpoint", "status"], registry=self.registry)
@@ -233,6 +237,16 @@ class ControlApi:
             assert refusal is not None
             return refusal
         identity = verified.identity
+        # a locked identity (or group) gets no new certificate; checked before the token is
+        # used up, so the same token works once the lock is lifted
+        lock = (await self.store.active_locks(now=now)).match(identity.name, identity.groups, 0,
+                                                               now=now)
+        if lock is not None:
+            self.audit.write("enrollment_refused", {
+                "identity": identity.name, "reason": "locked", "lock_id": lock.id,
+                "client_address": req.peer[0]})
+            return self._refuse(provider.name, f"{identity.name} is locked (lock {lock.id})", 403,
+                                "locked", "identity locked", req)
         decision = await self.store.rate_limit(f"identity:{identity.name}",
                                                limit=control.rate_per_identity, per_seconds=60.0,
                                                now=now)
@@ -319,7 +333,16 @@ class ControlApi:
         if req.path.startswith("/v1/admin/"):
             if not self.is_admin(identity):
                 return json_error(403, "forbidden", "admin role required")
+            response = await handle_locks(self, req, identity)
+            if response is not None:
+                return response
             if (req.method, req.path) == ("GET", "/v1/admin/status"):
                 return json_response(200, {"gateway": self.config.gateway.id,
                                            "failing": await self.failing_checks()})
+            if (req.method, req.path) == ("POST", "/v1/admin/reload"):
+                if self.reload_hook is None:
+                    return json_error(404, "not_found", "this process cannot reload")
+                result = await self.reload_hook()
+                self.audit.write("config_reload", {"by": identity.name, **result})
+                return json_response(200 if result["reloaded"] else 400, result)
         return json_error(404, "not_found", "no such endpoint")

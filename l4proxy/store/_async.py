@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import trio
 
-from ._base import RateDecision, StateStore, TokenClaim
+from ._base import Lock, LockSet, LockSpec, RateDecision, StateStore, TokenClaim
 
 __all__ = ["AsyncStateStore"]
 
@@ -66,6 +66,30 @@ class AsyncStateStore:
         """See :meth:`StateStore.rate_limit`."""
         return await self._run(functools.partial(
             self._store.rate_limit, key, limit=limit, per_seconds=per_seconds, now=now))
+
+    async def add_lock(self, lock: LockSpec, *, now: float) -> Lock:
+        """See :meth:`StateStore.add_lock`."""
+        return await self._run(functools.partial(self._store.add_lock, lock, now=now))
+
+    async def list_locks(self, *, now: float) -> list[Lock]:
+        """See :meth:`StateStore.list_locks`."""
+        return await self._run(functools.partial(self._store.list_locks, now=now))
+
+    async def get_lock(self, lock_id: str) -> Lock | None:
+        """See :meth:`StateStore.get_lock`."""
+        return await self._run(functools.partial(self._store.get_lock, lock_id))
+
+    async def remove_lock(self, lock_id: str) -> bool:
+        """See :meth:`StateStore.remove_lock`."""
+        return await self._run(functools.partial(self._store.remove_lock, lock_id))
+
+    async def active_locks(self, *, now: float) -> LockSet:
+        """See :meth:`StateStore.active_locks`."""
+        return await self._run(functools.partial(self._store.active_locks, now=now))
+
+    async def locks_version(self) -> int:
+        """See :meth:`StateStore.locks_version`."""
+        return await self._run(self._store.locks_version)
 
     async def purge_expired(self, now: float) -> int:
         """See :meth:`StateStore.purge_expired`."""

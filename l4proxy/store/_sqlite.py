@@ -35,6 +35,13 @@ taken before the first read, so a read-decide-write (a token claim, a rate-limit
 can never interleave with another connection's, and the primary key on the replay key
 backs that up: two FIRST claims of one key cannot both commit.
 
+*Locks* are rows of ``locks``; ``lock_version`` holds one counter that every add and
+remove bumps in the same transaction, so a gateway polling it (one indexed read, no
+write lock: WAL readers never wait) sees every change, and :meth:`active_locks` reads
+the rows and the counter in one read transaction, so the set and its version always
+belong together. Expired locks stay until :meth:`purge_expired` removes them; queries
+filter on ``until``.
+
 *Rate limits* are a sliding log: one row per counted event. An event is allowed when
 fewer than ``limit`` events for the key happened in ``(now - per_seconds, now]``; the
 refusal's ``retry_after`` is exact (when the oldest event that matters leaves the
@@ -51,13 +58,18 @@ import re
 import sqlite3
 import stat
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from ._base import (
     TOKEN_RETRY_WINDOW,
     ClaimKind,
+    Lock,
+    LockKind,
+    LockSet,
+    LockSpec,
     RateDecision,
     SchemaTooNew,
     StateStore,
@@ -68,6 +80,7 @@ from ._base import (
     check_key,
     check_rate,
     check_time,
+    is_lock_id,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "STATE_FILE_NAME", "SqliteStateStore"]
@@ -118,11 +131,31 @@ MIGRATIONS: tuple[str, ...] = (
         writes INTEGER NOT NULL
     );
     """,
+    # 2: locks on identities, groups and certificate serials, and their change counter.
+    """
+    CREATE TABLE locks (
+        id         TEXT PRIMARY KEY NOT NULL,   -- 32 hex digits (uuid4)
+        kind       TEXT NOT NULL CHECK (kind IN ('identity', 'group', 'serial')),
+        value      TEXT NOT NULL,               -- normalised (serials: lower-case hex)
+        until      REAL,                        -- NULL: until removed
+        reason     TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );                                          -- rowid: insertion order, for ties
+    CREATE INDEX locks_until ON locks (until);
+
+    CREATE TABLE lock_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO lock_version (id, version) VALUES (1, 0);
+    """,
 )
 # Tables later issues add, each as a new migration appended above:
 #   - the session index (session id, identity, target, started/ended, recording file);
-#   - approvals (pending requests, decisions, single-use grants with their expiry);
-#   - locks (identity / target locks set by admins, with expiry and reason).
+#   - approvals (pending requests, decisions, single-use grants with their expiry).
+
+_LOCK_COLUMNS: Final = "id, kind, value, until, reason, created_by, created_at"
 
 #: the newest schema version this code knows
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -193,6 +226,19 @@ class SqliteStateStore(StateStore):
             except sqlite3.Error as exc:
                 raise _map_error(exc, self.path, what) from exc
 
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Run the ``with`` body in one read transaction (one snapshot; no write lock)."""
+        with self._lock:
+            db = self._db
+            if db is None:
+                raise StoreError(f"{what}: the state store {self.path} is closed")
+            try:
+                with _transaction(db, write=False):
+                    yield db
+            except sqlite3.Error as exc:
+                raise _map_error(exc, self.path, what) from exc
+
     # --- tokens --------------------------------------------------------------------------
 
     def claim_token(self, replay_key: str, *, binding: str, expires_at: float,
@@ -254,6 +300,55 @@ class SqliteStateStore(StateStore):
                        (key, now, now + per_seconds))
             return RateDecision(allowed=True)
 
+    # --- locks ---------------------------------------------------------------------------
+
+    def add_lock(self, lock: LockSpec, *, now: float) -> Lock:
+        if not isinstance(lock, LockSpec):
+            raise ValueError("add_lock takes a LockSpec")
+        now = check_time("now", now)
+        if lock.until is not None and lock.until <= now:
+            raise ValueError("until is not in the future: the lock would never apply")
+        stored = Lock(id=uuid.uuid4().hex, kind=lock.kind, value=lock.value, until=lock.until,
+                      reason=lock.reason, created_by=lock.created_by, created_at=now)
+        with self._write("add a lock") as db:
+            db.execute(f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (stored.id, str(stored.kind), stored.value, stored.until, stored.reason,
+                        stored.created_by, stored.created_at))
+            _bump_lock_version(db)
+        return stored
+
+    def list_locks(self, *, now: float) -> list[Lock]:
+        now = check_time("now", now)
+        with self._read("list locks") as db:
+            return _active_locks(db, now)
+
+    def get_lock(self, lock_id: str) -> Lock | None:
+        if not is_lock_id(lock_id):
+            return None
+        with self._read("read a lock") as db:
+            row = db.execute(f"SELECT {_LOCK_COLUMNS} FROM locks WHERE id = ?", (lock_id,)).fetchone()
+        return None if row is None else _lock_from_row(row)
+
+    def remove_lock(self, lock_id: str) -> bool:
+        if not is_lock_id(lock_id):
+            return False
+        with self._write("remove a lock") as db:
+            removed = db.execute("DELETE FROM locks WHERE id = ?", (lock_id,)).rowcount > 0
+            if removed:
+                _bump_lock_version(db)
+        return removed
+
+    def active_locks(self, *, now: float) -> LockSet:
+        now = check_time("now", now)
+        with self._read("read the active locks") as db:
+            version = _lock_version(db)
+            locks = _active_locks(db, now)
+        return LockSet(locks=tuple(locks), version=version)
+
+    def locks_version(self) -> int:
+        with self._read("read the locks version") as db:
+            return _lock_version(db)
+
     # --- housekeeping --------------------------------------------------------------------
 
     def purge_expired(self, now: float) -> int:
@@ -261,7 +356,11 @@ class SqliteStateStore(StateStore):
         with self._write("purge expired records") as db:
             tokens = db.execute("DELETE FROM token_claims WHERE expires_at < ?", (now,)).rowcount
             events = db.execute("DELETE FROM rate_events WHERE expires_at <= ?", (now,)).rowcount
-        return tokens + events
+            # an expired lock matches nothing: removing it changes no decision, so the
+            # version (which tells gateways to reload) stays as it is
+            locks = db.execute("DELETE FROM locks WHERE until IS NOT NULL AND until <= ?",
+                               (now,)).rowcount
+        return tokens + events + locks
 
     def check_writable(self) -> None:
         try:
@@ -279,6 +378,33 @@ class SqliteStateStore(StateStore):
             db, self._db = self._db, None
             if db is not None:
                 db.close()
+
+
+# --- lock rows -----------------------------------------------------------------------------
+
+
+def _lock_from_row(row: tuple[Any, ...]) -> Lock:
+    lock_id, kind, value, until, reason, created_by, created_at = row
+    return Lock(id=lock_id, kind=LockKind(kind), value=value,
+                until=None if until is None else float(until), reason=reason,
+                created_by=created_by, created_at=float(created_at))
+
+
+def _active_locks(db: sqlite3.Connection, now: float) -> list[Lock]:
+    rows = db.execute(f"SELECT {_LOCK_COLUMNS} FROM locks WHERE until IS NULL OR until > ? "
+                      "ORDER BY created_at, rowid", (now,)).fetchall()
+    return [_lock_from_row(row) for row in rows]
+
+
+def _lock_version(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT version FROM lock_version WHERE id = 1").fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError("the lock_version row is missing")
+    return int(row[0])
+
+
+def _bump_lock_version(db: sqlite3.Connection) -> None:
+    db.execute("UPDATE lock_version SET version = version + 1 WHERE id = 1")
 
 
 # --- opening and migrating -----------------------------------------------------------------
@@ -357,9 +483,10 @@ def _migrate(db: sqlite3.Connection, migrations: Sequence[str], *, path: Path) -
 
 
 @contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` if the body raises."""
-    db.execute("BEGIN IMMEDIATE")
+def _transaction(db: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (``BEGIN DEFERRED`` for a read) … ``COMMIT``, or ``ROLLBACK``
+    if the body raises."""
+    db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
     try:
         yield
         db.execute("COMMIT")
