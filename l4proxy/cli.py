@@ -11,7 +11,6 @@ Exit codes: 0 ok; 1 usage, invalid configuration or local error; 2 refused by th
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -52,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="run what the configuration names (now: enrollment)")
+    serve = sub.add_parser("serve", help="run the control plane and the gateway the configuration names")
     serve.add_argument("--config", type=Path, required=True)
+    serve.add_argument("--log-format", choices=["json", "text"], default="json",
+                       help="log lines as JSON objects (default) or plain text")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     idp_token.add_argument("--ttl", type=_duration, default=300.0)
     idp_token.add_argument("--aud", default="l4proxy")
 
+    lock = sub.add_parser("lock", help="lock an identity, a group or a certificate serial (admins)")
+    what = lock.add_mutually_exclusive_group(required=True)
+    what.add_argument("--identity", metavar="PROVIDER/SUBJECT")
+    what.add_argument("--group")
+    what.add_argument("--serial", metavar="HEX")
+    lock.add_argument("--until", help="RFC 3339 time or a duration such as 2h (default: until unlocked)")
+    lock.add_argument("--reason")
+    lock.add_argument("--profile", type=Path, help="login profile (default: l4proxy login's)")
+    locks = sub.add_parser("locks", help="list active locks (admins)")
+    locks.add_argument("--profile", type=Path)
+    locks.add_argument("--json", action="store_true")
+    unlock = sub.add_parser("unlock", help="remove a lock (admins)")
+    unlock.add_argument("lock_id")
+    unlock.add_argument("--reason")
+    unlock.add_argument("--profile", type=Path)
+
     demo = sub.add_parser("demo", help="run chunkd on loopback and show a round trip with chunk")
     demo.add_argument("--work-dir", type=Path, default=Path("demo-work"),
                       help="where keys, data and logs go (default ./demo-work)")
@@ -134,39 +151,37 @@ def _config_check(path: Path) -> int:
     return 0
 
 
-def _serve(path: Path) -> int:
-    import signal
-
-    import trio
-
+def _serve(path: Path, log_format: str) -> int:
     from .config import ConfigError, load_config
-    from .control import ControlPlaneError, run_control_plane
+    from .control import ControlPlaneError
+    from .serve import JsonFormatter, Server
 
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         config = load_config(path)
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}")
-
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(run_control_plane, config))
-                async for signum in signals:
-                    logging.getLogger("l4proxy").info("signal %d: stopping", signum)
-                    nursery.cancel_scope.cancel()
-                    break
+    import trio
 
     try:
-        trio.run(run)
+        trio.run(Server(path, config).run)
     except BaseExceptionGroup as group:
-        failure = _first(group, ControlPlaneError, OSError)
+        failure = _first(group, ControlPlaneError, OSError, _gateway_error())
         if failure is None:
             raise
-        return _fail(str(failure) if isinstance(failure, ControlPlaneError)
+        return _fail(str(failure) if not isinstance(failure, OSError)
                      else f"cannot listen: {failure}")
-    except (ControlPlaneError, OSError) as exc:
+    except (ControlPlaneError, OSError, _gateway_error()) as exc:
         return _fail(str(exc))
     return 0
+
+
+def _gateway_error() -> type[Exception]:
+    from .gateway import GatewayConfigError
+
+    return GatewayConfigError
 
 
 def _first(group: BaseExceptionGroup, *types: type[BaseException]) -> BaseException | None:
@@ -318,6 +333,29 @@ def _dev_idp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _locks(args: argparse.Namespace) -> int:
+    import json
+
+    from . import admin
+    from .login import default_profile_dir
+
+    profile = args.profile or default_profile_dir()
+    try:
+        if args.command == "lock":
+            made = admin.lock(profile, identity=args.identity, group=args.group, serial=args.serial,
+                              until=args.until, reason=args.reason)
+            print(admin.format_locks([made]))
+        elif args.command == "locks":
+            found = admin.list_locks(profile)
+            print(json.dumps(found, indent=2) if args.json else admin.format_locks(found))
+        else:
+            removed = admin.unlock(profile, args.lock_id, reason=args.reason)
+            print(f"removed lock {removed.get('id', args.lock_id)}")
+    except admin.AdminError as exc:
+        return _fail(str(exc), exc.exit_code)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -328,13 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         return _config_check(args.file)
     if args.command == "serve":
-        return _serve(args.config)
+        return _serve(args.config, args.log_format)
     if args.command == "ca":
         return _ca(args)
     if args.command == "login":
         return _login(args)
     if args.command == "dev-idp":
         return _dev_idp(args)
+    if args.command in ("lock", "locks", "unlock"):
+        return _locks(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -393,8 +393,9 @@ class ChunkClient:
         if self._broken is not None:
             raise self._broken
         if self.goaway is not None:
-            raise ConnectionFailed(f"server is going away ({self.goaway.code.name}: "
-                                   f"{self.goaway.message}); reconnect")
+            # typed by the GOAWAY's code: an expiring certificate or a lock says so
+            raise error_for_code(self.goaway.code,
+                                 f"{self.goaway.message} (GOAWAY: no new requests; reconnect)")
         rid = self._next_id
         self._next_id += 1
         call = Call(self, rid, op)

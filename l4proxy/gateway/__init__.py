@@ -1,0 +1,81 @@
+"""The gateway: the only part of l4proxy that owns client-facing sockets.
+
+* :class:`Gateway` (``_server.py``): listeners, our certificate checks, routing, access,
+  the session registry, locks, reload and drain;
+* ``run_cwp_session`` / ``run_tcp_session`` (``_session.py``): one session each;
+* the hooks (``_hooks.py``): the one place for per-request policy, response transforms
+  and the recorder;
+* :class:`TlsStream` (``_tls.py``): TLS driven through ``ssl.SSLObject`` with large reads;
+* :func:`check_client` (``_certcheck.py``): the certificate check after every handshake,
+  resumed sessions included.
+"""
+
+from ._certcheck import ClientCheck, ClientRejected, LockLookup, RejectCode, check_client
+from ._hooks import (
+    ALLOW,
+    AllowAll,
+    Decision,
+    NoObserver,
+    NoTransform,
+    Policy,
+    ResponseTransform,
+    SessionInfo,
+    SessionObserver,
+)
+from ._server import Gateway, GatewayConfigError, GatewayState, may_connect, route
+from ._session import (
+    SessionControl,
+    SessionEnded,
+    SessionHooks,
+    UpstreamUnavailable,
+    run_cwp_session,
+    run_tcp_session,
+)
+from ._tls import (
+    AEAD_CIPHERS_TLS12,
+    BIO_SLICE,
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_READ_SIZE,
+    WRITE_SLICE,
+    TlsHandshakeError,
+    TlsStream,
+    client_context,
+    server_context,
+)
+
+__all__ = [
+    "AEAD_CIPHERS_TLS12",
+    "ALLOW",
+    "BIO_SLICE",
+    "DEFAULT_CLOSE_TIMEOUT",
+    "DEFAULT_READ_SIZE",
+    "WRITE_SLICE",
+    "AllowAll",
+    "ClientCheck",
+    "ClientRejected",
+    "Decision",
+    "Gateway",
+    "GatewayConfigError",
+    "GatewayState",
+    "LockLookup",
+    "NoObserver",
+    "NoTransform",
+    "Policy",
+    "RejectCode",
+    "ResponseTransform",
+    "SessionControl",
+    "SessionEnded",
+    "SessionHooks",
+    "SessionInfo",
+    "SessionObserver",
+    "TlsHandshakeError",
+    "TlsStream",
+    "UpstreamUnavailable",
+    "check_client",
+    "client_context",
+    "may_connect",
+    "route",
+    "run_cwp_session",
+    "run_tcp_session",
+    "server_context",
+]

@@ -1,0 +1,114 @@
+"""The three places later features plug into a session, each in exactly one spot.
+
+* :class:`Policy` decides every request (scopes, deny-lists, approvals come here);
+* :class:`ResponseTransform` may rewrite every event going back to the client
+  (PII masking comes here);
+* :class:`SessionObserver` sees exactly the bytes the client sent and received, plus the
+  decoded events and decisions (the recorder comes here).
+
+The defaults allow everything, change nothing and record nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from l4proxy.identity import Identity
+from l4proxy.wire import ErrorCode, Event, Request
+
+__all__ = [
+    "ALLOW",
+    "AllowAll",
+    "Decision",
+    "NoObserver",
+    "NoTransform",
+    "Policy",
+    "ResponseTransform",
+    "SessionInfo",
+    "SessionObserver",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """Who a session belongs to and where it goes; on every log line and audit event."""
+
+    session_id: str
+    identity: Identity
+    serial: int
+    not_after: datetime
+    target: str
+    client_address: str
+    listener: str = ""
+
+    def log_fields(self) -> Mapping[str, Any]:
+        return {"session": self.session_id, "identity": self.identity.name,
+                "email": self.identity.email, "groups": list(self.identity.groups),
+                "serial": f"{self.serial:x}", "target": self.target,
+                "client": self.client_address}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """The verdict on one request. ``allow`` False sends ERROR(code, message)."""
+
+    allow: bool
+    code: ErrorCode = ErrorCode.DENIED_BY_POLICY
+    message: str = ""
+    rule: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+ALLOW = Decision(allow=True, rule="default")
+
+
+class Policy(Protocol):
+    async def decide(self, session: SessionInfo, request: Request) -> Decision: ...
+
+
+class ResponseTransform(Protocol):
+    def transform(self, session: SessionInfo, event: Event) -> Event: ...
+
+
+class SessionObserver(Protocol):
+    """Receives what happens in one session, in order. Must not block for long: the
+    recorder issue bounds its queue (the session waits when it is full)."""
+
+    async def client_bytes(self, data: bytes) -> None:
+        """Bytes exactly as the client sent them (after TLS)."""
+
+    async def server_bytes(self, data: bytes) -> None:
+        """Bytes exactly as the client received them (before TLS)."""
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """A decoded protocol event or a decision."""
+
+    async def closed(self, reason: str) -> None:
+        """The session ended."""
+
+
+class AllowAll:
+    async def decide(self, session: SessionInfo, request: Request) -> Decision:
+        return ALLOW
+
+
+class NoTransform:
+    def transform(self, session: SessionInfo, event: Event) -> Event:
+        return event
+
+
+class NoObserver:
+    async def client_bytes(self, data: bytes) -> None:
+        return None
+
+    async def server_bytes(self, data: bytes) -> None:
+        return None
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        return None
+
+    async def closed(self, reason: str) -> None:
+        return None

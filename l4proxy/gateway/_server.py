@@ -1,0 +1,510 @@
+"""The gateway's front door: TLS listeners, our own client-certificate checks, routing,
+connect access, the session registry, locks, reload and drain.
+
+Theory of operation: each listener accepts TCP connections and hands each to
+``Gateway._handle``, which runs, in order and all within ``handshake_timeout``: the TLS
+handshake (``TlsStream``, which flushes the alert when a handshake fails), our own checks
+of the client certificate on every connection, resumed sessions included
+(``check_client``: validity window, clientAuth, CA:FALSE, maximum lifetime, identity in
+our trust domain, no lock on the identity, its groups or the serial), routing by SNI name
+to a target, and the target's connect access. Only then does the connection count as a
+session (so slow or idle handshakes never hold session capacity), get a UUIDv7 id, and
+run ``run_cwp_session`` / ``run_tcp_session`` with a ``SessionControl`` in the registry.
+
+Everything a connection needs from the configuration is read from one immutable
+``GatewayState`` snapshot, which ``reload`` replaces atomically (a broken configuration
+or certificate keeps the old state). A watcher polls the state store's lock version and
+ends the live sessions a new lock covers within a second. ``drain`` stops accepting,
+sends GOAWAY to every session and ends what is left at the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from l4proxy.audit import AuditLog
+from l4proxy.config import Config, ListenerConfig, TargetConfig, TargetProtocol
+from l4proxy.identity import Identity, trust_bundle
+from l4proxy.ids import uuid7
+from l4proxy.store import AsyncStateStore
+from l4proxy.wire import ErrorCode, connection_error_frame
+
+from ._certcheck import ClientRejected, check_client
+from ._hooks import SessionInfo, SessionObserver
+from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
+from ._tls import TlsHandshakeError, TlsStream, server_context
+from ._upstream import open_upstream, read_credential, upstream_ssl_context
+
+__all__ = ["Gateway", "GatewayConfigError", "GatewayState", "may_connect", "route"]
+
+log = logging.getLogger("l4proxy.gateway")
+
+#: how often the lock watcher polls the store's lock version (seconds)
+LOCK_POLL = 0.5
+#: how often active locks are re-read anyway (a lock's ``until`` may pass)
+LOCK_REFRESH = 5.0
+#: accept() errors that mean "out of descriptors or memory": wait and retry
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY = 0.1
+
+_REJECT_CODES = {
+    "expired": ErrorCode.CERTIFICATE_EXPIRED,
+    "locked": ErrorCode.IDENTITY_LOCKED,
+}
+
+
+class GatewayConfigError(Exception):
+    """The data-path configuration cannot be put into effect (certificates, CA, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Listener:
+    config: ListenerConfig
+    context: ssl.SSLContext
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayState:
+    """Everything new connections need, built from one configuration and swapped whole."""
+
+    config: Config
+    listeners: Mapping[str, _Listener]
+    targets: Mapping[str, TargetConfig]
+    upstream_contexts: Mapping[str, ssl.SSLContext]
+    ca_bundle: tuple[x509.Certificate, ...]
+    trust_domain: str
+
+    @classmethod
+    def build(cls, config: Config, *, now: datetime) -> GatewayState:
+        """Load certificates and keys for ``config``.
+
+        Raises:
+            GatewayConfigError: a listener certificate, key or CA bundle is unusable.
+        """
+        if config.ca is None:
+            raise GatewayConfigError("the configuration has no [ca] section")
+        try:
+            bundle = tuple(trust_bundle(config.ca.dir, now))
+        except Exception as exc:
+            raise GatewayConfigError(f"cannot read the CA in {config.ca.dir}: {exc}") from None
+        listeners: dict[str, _Listener] = {}
+        for lst in config.listeners:
+            try:
+                ctx = server_context(lst.server_cert, lst.server_key, lst.client_ca)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise GatewayConfigError(f"listener {lst.name!r}: cannot load its certificate, "
+                                         f"key or client CA: {exc}") from None
+            ctx.sni_callback = _remember_sni
+            listeners[lst.name] = _Listener(config=lst, context=ctx)
+        upstream_contexts = {}
+        for target in config.targets:
+            if target.upstream_tls:
+                try:
+                    upstream_contexts[target.name] = upstream_ssl_context(target)
+                except (OSError, ssl.SSLError) as exc:
+                    raise GatewayConfigError(f"target {target.name!r}: cannot load its upstream "
+                                             f"CA: {exc}") from None
+        return cls(config=config, listeners=listeners,
+                   targets={t.name: t for t in config.targets},
+                   upstream_contexts=upstream_contexts, ca_bundle=bundle,
+                   trust_domain=config.ca.trust_domain)
+
+
+def _remember_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+    ssl_object.l4proxy_sni = server_name
+
+
+def may_connect(target: TargetConfig, identity: Identity) -> bool:
+    """The target's connect access: an identity glob or a shared group."""
+    if any(fnmatch.fnmatchcase(identity.name, glob) for glob in target.access.identities):
+        return True
+    return bool(set(identity.groups) & set(target.access.groups))
+
+
+def route(listener: ListenerConfig, targets: Mapping[str, TargetConfig],
+          sni: str | None) -> TargetConfig | None:
+    """The target of a connection: the listener's only target, or the one whose
+    ``server_names`` holds the SNI name."""
+    served = [targets[name] for name in listener.targets if name in targets]
+    if len(served) == 1 and not served[0].server_names:
+        return served[0]
+    for target in served:
+        if sni is not None and sni.lower() in (n.lower() for n in target.server_names):
+            return target
+    return served[0] if len(served) == 1 else None
+
+
+@dataclass(slots=True)
+class _Live:
+    info: SessionInfo
+    control: SessionControl
+    target: str
+
+
+class _AuditObserver:
+    """Writes the session's requests and decisions to the audit log."""
+
+    def __init__(self, audit: AuditLog, info: SessionInfo) -> None:
+        self.audit = audit
+        self.info = info
+
+    async def client_bytes(self, data: bytes) -> None:
+        return None
+
+    async def server_bytes(self, data: bytes) -> None:
+        return None
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        if kind in ("request", "decision", "redaction", "goaway"):
+            self.audit.write(f"session_{kind}", {"session": self.info.session_id,
+                                                 "identity": self.info.identity.name, **fields})
+
+    async def closed(self, reason: str) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class _Metrics:
+    sessions: Gauge
+    sessions_total: Counter
+    handshakes: Counter
+    rejections: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> _Metrics:
+        return cls(
+            sessions=Gauge("l4proxy_sessions_active", "Live sessions", ["target"], registry=registry),
+            sessions_total=Counter("l4proxy_sessions_total", "Sessions started", ["target", "protocol"],
+                                   registry=registry),
+            handshakes=Counter("l4proxy_handshakes_total", "TLS handshakes", ["listener", "result"],
+                               registry=registry),
+            rejections=Counter("l4proxy_rejections_total", "Connections refused", ["reason"],
+                               registry=registry),
+        )
+
+
+@dataclass(slots=True)
+class _LockView:
+    version: int = -1
+    locks: Any = None
+    refreshed: float = field(default=0.0)
+
+
+class Gateway:
+    """The data path. ``await nursery.start(gateway.serve)`` binds every listener.
+
+    Args:
+        config: the validated configuration (listeners, targets, limits, ca).
+        store: the state store (locks).
+        audit: where session events go.
+        registry: Prometheus registry for the gateway's metrics.
+        observer_factory: an extra observer per session (the recorder plugs in here).
+    """
+
+    def __init__(self, config: Config, *, store: AsyncStateStore, audit: AuditLog,
+                 registry: CollectorRegistry | None = None,
+                 observer_factory: Callable[[SessionInfo], SessionObserver] | None = None) -> None:
+        self.state = GatewayState.build(config, now=datetime.now(UTC))
+        self.store = store
+        self.audit = audit
+        self.metrics = _Metrics.create(registry or CollectorRegistry())
+        self.observer_factory = observer_factory
+        self.sessions: dict[str, _Live] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._locks = _LockView()
+        self._accepting = trio.CancelScope()
+        self._drained = trio.Event()
+        self._no_sessions = trio.Event()
+        self._no_sessions.set()
+        self.reload_failures = 0
+
+    # --- configuration --------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Swap in ``config`` for new connections; GOAWAY sessions that lost access.
+
+        Raises:
+            GatewayConfigError: nothing changed; the old state stays in effect.
+        """
+        try:
+            new = GatewayState.build(config, now=datetime.now(UTC))
+        except GatewayConfigError:
+            self.reload_failures += 1
+            raise
+        moved = {lst.name for lst in config.listeners
+                 if lst.name in self.state.listeners
+                 and self.state.listeners[lst.name].config.listen != lst.listen}
+        if moved or {lst.name for lst in config.listeners} != set(self.state.listeners):
+            log.warning("reload: listener addresses changed (%s); they apply after a restart",
+                        ", ".join(sorted(moved)) or "listeners added or removed")
+        self.state = new
+        for live in list(self.sessions.values()):
+            target = new.targets.get(live.target)
+            if target is None or not may_connect(target, live.info.identity):
+                live.control.goaway(ErrorCode.DENIED_BY_POLICY,
+                                    "access to this target was withdrawn; finish and disconnect")
+        log.info("configuration reloaded")
+
+    # --- serving --------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await self._refresh_locks(force=True)
+            with self._accepting:
+                async with trio.open_nursery() as accept:
+                    for lst in self.state.config.listeners:
+                        host, port = lst.listen
+                        listeners = await trio.open_tcp_listeners(port, host=host)
+                        addr = listeners[0].socket.getsockname()
+                        self.addresses[lst.name] = (addr[0], addr[1])
+                        for listener in listeners:
+                            accept.start_soon(self._accept_loop, lst.name, listener, nursery)
+                    accept.start_soon(self._lock_watcher)
+                    log.info("gateway listening: %s", ", ".join(
+                        f"{n}={h}:{p}" for n, (h, p) in self.addresses.items()))
+                    task_status.started(dict(self.addresses))
+            # accepting stopped (drain); sessions finish in `nursery`
+            await self._drained.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener_name: str, listener: trio.SocketListener,
+                           connections: trio.Nursery) -> None:
+        """Accept until cancelled (drain); each connection runs in ``connections`` so it
+        outlives accepting. Running out of file descriptors is logged and retried."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        log.error("accept on %s failed (%s); retrying in %.1f s", listener_name,
+                                  exc.strerror, _ACCEPT_RETRY)
+                        await trio.sleep(_ACCEPT_RETRY)
+                        continue
+                    raise
+                connections.start_soon(self._connection, listener_name, stream)
+
+    async def _connection(self, listener_name: str, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle(listener_name, stream)
+        except Exception:  # one connection's bug must not take the gateway down
+            log.exception("connection on listener %s crashed", listener_name)
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, listener_name: str, stream: trio.SocketStream) -> None:
+        """Handshake, checks, then the session (all in this task)."""
+        state = self.state
+        limits = state.config.limits
+        lst = state.listeners.get(listener_name)
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            peer = "?"
+        if lst is None:
+            await trio.aclose_forcefully(stream)
+            return
+        tls = TlsStream(stream, lst.context, server_side=True, read_size=limits.read_size)
+        try:
+            with trio.fail_after(limits.handshake_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, TlsHandshakeError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, trio.TooSlowError) else "tls"
+            self.metrics.handshakes.labels(listener_name, reason).inc()
+            log.info("handshake from %s failed: %s", peer,
+                     getattr(exc, "reason", None) or type(exc).__name__)
+            await trio.aclose_forcefully(tls)
+            return
+        self.metrics.handshakes.labels(listener_name, "ok").inc()
+        der = tls.getpeercert(binary_form=True)
+        sni = getattr(tls.ssl_object, "l4proxy_sni", None)
+        target = route(lst.config, state.targets, sni)
+        await self._refresh_locks()
+        locks = self._locks.locks
+        try:
+            if not der:
+                raise ClientRejected("no client certificate", "malformed")
+            cert = x509.load_der_x509_certificate(der)
+            check = check_client(
+                cert, ca_bundle=state.ca_bundle, trust_domain=state.trust_domain,
+                max_lifetime=timedelta(seconds=limits.max_cert_lifetime), now=datetime.now(UTC),
+                locked=lambda identity, serial: _lock_reason(locks, identity, serial))
+        except ClientRejected as exc:
+            await self._refuse(tls, target, peer, exc.code, exc.reason,
+                               _REJECT_CODES.get(exc.code, ErrorCode.DENIED_BY_POLICY))
+            return
+        identity = check.identity
+        if target is None:
+            await self._refuse(tls, None, peer, "no_route", f"no target for SNI {sni!r}",
+                               ErrorCode.DENIED_BY_POLICY, identity=identity)
+            return
+        if not may_connect(target, identity):
+            await self._refuse(tls, target, peer, "access", f"{identity.name} may not connect to "
+                               f"{target.name}", ErrorCode.DENIED_BY_POLICY, identity=identity)
+            return
+        if self._accepting.cancel_called:
+            await self._refuse(tls, target, peer, "draining", "the gateway is draining",
+                               ErrorCode.SHUTTING_DOWN, identity=identity)
+            return
+        if len(self.sessions) >= limits.max_sessions:
+            await self._refuse(tls, target, peer, "capacity", "max_sessions reached",
+                               ErrorCode.OVER_CAPACITY, identity=identity)
+            return
+        info = SessionInfo(session_id=str(uuid7()), identity=identity, serial=check.serial,
+                           not_after=check.not_after, target=target.name, client_address=peer,
+                           listener=listener_name)
+        control = SessionControl()
+        self.sessions[info.session_id] = _Live(info=info, control=control, target=target.name)
+        if self._no_sessions.is_set():
+            self._no_sessions = trio.Event()
+        await self._run_session(info, tls, target, control)
+
+    async def _refuse(self, tls: TlsStream, target: TargetConfig | None, peer: str, reason: str,
+                      detail: str, code: ErrorCode, *, identity: Identity | None = None) -> None:
+        self.metrics.rejections.labels(reason).inc()
+        log.info("connection from %s refused (%s): %s", peer, reason, detail)
+        self.audit.write("session_refused", {"client_address": peer, "reason": reason,
+                                             "detail": detail,
+                                             "identity": identity.name if identity else None,
+                                             "target": target.name if target else None})
+        if target is not None and target.protocol is TargetProtocol.CWP:
+            with trio.move_on_after(2):
+                try:
+                    await tls.send_all(connection_error_frame(code, _PUBLIC.get(code, "refused")))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(tls)
+
+    async def _run_session(self, info: SessionInfo, tls: TlsStream, target: TargetConfig,
+                           control: SessionControl) -> None:
+        state = self.state
+        self.metrics.sessions.labels(target.name).inc()
+        self.metrics.sessions_total.labels(target.name, str(target.protocol)).inc()
+        started = time.monotonic()
+        self.audit.write("session_start", {**info.log_fields(), "protocol": str(target.protocol),
+                                           "listener": info.listener})
+        log.info("session %s started: %s -> %s", info.session_id, info.identity.name, target.name)
+        observers: list[SessionObserver] = [_AuditObserver(self.audit, info)]
+        if self.observer_factory is not None:
+            observers.append(self.observer_factory(info))
+        hooks = SessionHooks.default()
+        hooks.observer = _Observers(observers)
+        ctx = state.upstream_contexts.get(target.name)
+        reason = "error"
+        try:
+            if target.protocol is TargetProtocol.CWP:
+                reason = await run_cwp_session(
+                    info, tls, target=target, limits=state.config.limits,
+                    open_upstream=lambda: open_upstream(target, ctx),
+                    read_credential=lambda: read_credential(target), hooks=hooks, control=control)
+            else:
+                reason = await run_tcp_session(
+                    info, tls, limits=state.config.limits,
+                    open_upstream=lambda: open_upstream(target, ctx), hooks=hooks, control=control)
+        finally:
+            del self.sessions[info.session_id]
+            self.metrics.sessions.labels(target.name).dec()
+            self.audit.write("session_end", {"session": info.session_id,
+                                             "identity": info.identity.name, "reason": reason,
+                                             "duration_s": round(time.monotonic() - started, 3)})
+            if not self.sessions:
+                self._no_sessions.set()
+
+    # --- locks ------------------------------------------------------------------------------
+
+    async def _refresh_locks(self, *, force: bool = False) -> bool:
+        """Re-read the active locks when their version changed (or periodically)."""
+        view = self._locks
+        now = time.time()
+        version = await self.store.locks_version()
+        if not force and version == view.version and now - view.refreshed < LOCK_REFRESH:
+            return False
+        view.locks = await self.store.active_locks(now=now)
+        view.version = version
+        view.refreshed = now
+        return True
+
+    async def _lock_watcher(self) -> None:
+        while True:
+            await trio.sleep(LOCK_POLL)
+            try:
+                await self._refresh_locks()
+            except Exception:
+                log.exception("cannot read locks from the state store")
+                continue
+            locks = self._locks.locks
+            for live in list(self.sessions.values()):
+                reason = _lock_reason(locks, live.info.identity, live.info.serial)
+                if reason is not None:
+                    log.info("session %s ended by a lock: %s", live.info.session_id, reason)
+                    live.control.end(ErrorCode.IDENTITY_LOCKED, "this identity is locked")
+
+    # --- drain ------------------------------------------------------------------------------
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop accepting, GOAWAY every session, end the rest after ``deadline`` seconds
+        (default ``limits.drain_timeout``)."""
+        if deadline is None:
+            deadline = self.state.config.limits.drain_timeout
+        self._accepting.cancel()
+        for live in list(self.sessions.values()):
+            live.control.goaway(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+        with trio.move_on_after(deadline):
+            await self._no_sessions.wait()
+        for live in list(self.sessions.values()):
+            live.control.end(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down")
+        with trio.move_on_after(5):
+            await self._no_sessions.wait()
+        self._drained.set()
+
+
+_PUBLIC = {
+    ErrorCode.CERTIFICATE_EXPIRED: "the client certificate expired; log in again",
+    ErrorCode.IDENTITY_LOCKED: "this identity is locked",
+    ErrorCode.DENIED_BY_POLICY: "not permitted to connect",
+    ErrorCode.OVER_CAPACITY: "too many sessions; try again later",
+    ErrorCode.SHUTTING_DOWN: "the gateway is shutting down",
+}
+
+
+def _lock_reason(locks: Any, identity: Identity, serial: int) -> str | None:
+    if locks is None:
+        return None
+    lock = locks.match(identity.name, identity.groups, serial)
+    return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
+
+
+class _Observers:
+    """Several observers as one."""
+
+    def __init__(self, observers: list[SessionObserver]) -> None:
+        self.observers = observers
+
+    async def client_bytes(self, data: bytes) -> None:
+        for obs in self.observers:
+            await obs.client_bytes(data)
+
+    async def server_bytes(self, data: bytes) -> None:
+        for obs in self.observers:
+            await obs.server_bytes(data)
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        for obs in self.observers:
+            await obs.event(kind, fields)
+
+    async def closed(self, reason: str) -> None:
+        for obs in self.observers:
+            await obs.closed(reason)

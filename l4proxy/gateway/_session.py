@@ -1,0 +1,587 @@
+"""One gateway session: a client on one side, the target's service on the other.
+
+Theory of operation (CWP targets): the gateway is a CWP server to the client and a CWP
+client to the service, with one sans-IO codec for each side (``down`` faces the client,
+``up`` faces the service). The client's HELLO is answered only after the gateway has
+completed its own HELLO/WELCOME upstream with the target's stored credential; the client
+never holds, sends or sees that credential (a client HELLO carrying a key is refused, or
+stripped when the target says so). Then two pumps run in one nursery:
+
+* client → service: bytes are read, shown to the observer exactly as received, parsed by
+  ``down``; every REQUEST goes to the policy (one place); allowed events are re-encoded by
+  ``up`` from the parsed event, so the service executes exactly what the gateway
+  understood, and a frame the codec cannot read goes nowhere (fail closed);
+* service → client: events parsed by ``up`` pass the response transform (one place) and
+  are re-encoded by ``down``; the bytes written to the client are shown to the observer
+  exactly as sent.
+
+Both pumps read only after their last write finished, so each direction buffers at most
+one read. Writes to one side go through that side's lock, which also keeps codec order
+and socket order the same. A session ends when either side closes, on a protocol error,
+when the client certificate expires (NOTICE and GOAWAY ``expiry_notice`` before), at the
+maximum session length, after ``idle_timeout`` without traffic and without pending
+requests, or when the gateway ends it (lock, reload, drain) through
+:class:`SessionControl`.
+
+``tcp`` targets are relayed as opaque bytes with the same TLS, identity, connect checks,
+expiry and controls, and half-close passed through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from l4proxy.config import ClientCredentials, LimitsConfig, TargetConfig
+from l4proxy.wire import (
+    NEED_DATA,
+    Cancel,
+    Connection,
+    ConnectionClosed,
+    Continue,
+    Data,
+    Error,
+    ErrorCode,
+    Event,
+    GoAway,
+    Hello,
+    Limits,
+    LocalProtocolError,
+    Notice,
+    NoticeKind,
+    RemoteProtocolError,
+    Request,
+    RequestedLimits,
+    Response,
+    Result,
+    Role,
+    Rows,
+    Secret,
+    StreamState,
+    Welcome,
+    connection_error_frame,
+    negotiate_limits,
+    resources,
+)
+
+from ._hooks import AllowAll, NoObserver, NoTransform, Policy, ResponseTransform, SessionInfo, SessionObserver
+
+__all__ = [
+    "SessionControl",
+    "SessionEnded",
+    "SessionHooks",
+    "UpstreamUnavailable",
+    "run_cwp_session",
+    "run_tcp_session",
+]
+
+log = logging.getLogger("l4proxy.gateway.session")
+
+#: what the gateway calls itself in WELCOME
+GATEWAY_NAME = "l4proxy"
+#: how often the idle watchdog looks (seconds)
+_WATCHDOG_INTERVAL = 1.0
+
+OpenUpstream = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class SessionEnded(Exception):
+    """Raised inside a session to end it; ``reason`` goes to the log and the observer."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamUnavailable(Exception):
+    """The target cannot be reached, or its credential cannot be read."""
+
+
+@dataclass(slots=True)
+class SessionHooks:
+    policy: Policy
+    transform: ResponseTransform
+    observer: SessionObserver
+
+    @classmethod
+    def default(cls) -> SessionHooks:
+        return cls(policy=AllowAll(), transform=NoTransform(), observer=NoObserver())
+
+
+class SessionControl:
+    """How the gateway talks to a live session from outside (lock, reload, drain)."""
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[tuple[str, ErrorCode, str]](8)
+
+    def goaway(self, code: ErrorCode, message: str) -> None:
+        """Ask the client to finish in-flight requests and go (CWP); TCP sessions end."""
+        self._post(("goaway", code, message))
+
+    def end(self, code: ErrorCode, message: str) -> None:
+        """End the session now (GOAWAY and ERROR for CWP clients, then close)."""
+        self._post(("end", code, message))
+
+    def _post(self, command: tuple[str, ErrorCode, str]) -> None:
+        try:
+            self._send.send_nowait(command)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # a session that is already ending, or flooded with commands, ends anyway
+
+    async def commands(self) -> trio.MemoryReceiveChannel[tuple[str, ErrorCode, str]]:
+        return self._recv
+
+
+def _seconds_until(moment: datetime) -> float:
+    return (moment - datetime.now(UTC)).total_seconds()
+
+
+class _Activity:
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class _CwpSession:
+    def __init__(self, info: SessionInfo, client: trio.abc.Stream, *, target: TargetConfig,
+                 limits: LimitsConfig, open_upstream: OpenUpstream,
+                 read_credential: Callable[[], str], hooks: SessionHooks,
+                 control: SessionControl, max_hold_seconds: int) -> None:
+        self.info = info
+        self.client = client
+        self.target = target
+        self.limits = limits
+        self.open_upstream = open_upstream
+        self.read_credential = read_credential
+        self.hooks = hooks
+        self.control = control
+        self.max_hold_seconds = max_hold_seconds
+        self.down = Connection(Role.SERVER, max_read=limits.read_size)
+        self.up: Connection | None = None
+        self.upstream: trio.abc.Stream | None = None
+        self.client_lock = trio.Lock()
+        self.up_lock = trio.Lock()
+        self.activity = _Activity()
+        self.goaway_code: ErrorCode | None = None
+
+    # --- writing -----------------------------------------------------------------------
+
+    async def to_client(self, event: Event) -> None:
+        async with self.client_lock:
+            data = self.down.send(event)
+            if data:
+                await self.hooks.observer.server_bytes(data)
+                await self.client.send_all(data)
+                self.activity.touch()
+
+    async def to_upstream(self, event: Event) -> None:
+        assert self.up is not None and self.upstream is not None
+        async with self.up_lock:
+            data = self.up.send(event)
+            if data:
+                await self.upstream.send_all(data)
+                self.activity.touch()
+
+    async def end_client(self, code: ErrorCode, message: str) -> None:
+        """Send ERROR(0) to the client (even if its codec is in the ERROR state)."""
+        async with self.client_lock:
+            try:
+                data = self.down.send(Error(request_id=0, code=code, message=message))
+            except LocalProtocolError:
+                data = connection_error_frame(code, message)
+            await self.hooks.observer.server_bytes(data)
+            with trio.move_on_after(2):
+                try:
+                    await self.client.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    # --- reading -----------------------------------------------------------------------
+
+    async def client_event(self) -> Event:
+        while True:
+            event = self.down.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Event)
+                return event
+            data = await self.client.receive_some(self.limits.read_size)
+            if data:
+                await self.hooks.observer.client_bytes(bytes(data))
+                self.activity.touch()
+            self.down.receive_data(data)
+
+    async def upstream_event(self) -> Event:
+        assert self.up is not None and self.upstream is not None
+        while True:
+            event = self.up.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Event)
+                return event
+            data = await self.upstream.receive_some(self.limits.read_size)
+            if data:
+                self.activity.touch()
+            self.up.receive_data(data)
+
+    # --- the session -------------------------------------------------------------------
+
+    async def run(self) -> str:
+        try:
+            with trio.fail_after(self.limits.handshake_timeout):
+                hello = await self.client_event()
+        except trio.TooSlowError:
+            raise SessionEnded("no HELLO in time") from None
+        if isinstance(hello, ConnectionClosed):
+            raise SessionEnded("client closed before HELLO")
+        assert isinstance(hello, Hello)
+        if hello.api_key is not None:
+            if self.target.client_credentials is ClientCredentials.REFUSE:
+                await self.end_client(ErrorCode.CLIENT_CREDENTIAL_REFUSED,
+                                      "this gateway injects the service credential; "
+                                      "remove the API key from your client")
+                raise SessionEnded("client sent a credential (refused)")
+            await self.hooks.observer.event("redaction", {"what": "client api_key",
+                                                          "action": "stripped"})
+            log.info("session %s: client credential stripped", self.info.session_id)
+        welcome_up = await self.connect_upstream(hello.limits)
+        offered = Limits(max_frame_payload=welcome_up.limits.max_frame_payload,
+                         max_control_size=welcome_up.limits.max_control_size,
+                         max_pending=welcome_up.limits.max_pending,
+                         max_hold_seconds=self.max_hold_seconds)
+        limits = negotiate_limits(hello.limits, offered)
+        await self.to_client(Welcome(server=GATEWAY_NAME, session_id=self.info.session_id,
+                                     limits=limits, scope=welcome_up.scope))
+        await self.hooks.observer.event("session_open", {"upstream_session": welcome_up.session_id})
+        async with trio.open_nursery() as nursery:
+            done: list[str] = []
+
+            async def guard(fn: Callable[[], Awaitable[str]]) -> None:
+                try:
+                    done.append(await fn())
+                except SessionEnded as exc:
+                    done.append(exc.reason)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(guard, self.client_pump)
+            nursery.start_soon(guard, self.upstream_pump)
+            nursery.start_soon(guard, self.timers)
+            nursery.start_soon(guard, self.commands)
+        return done[0] if done else "ended"
+
+    async def connect_upstream(self, requested: RequestedLimits) -> Welcome:
+        try:
+            with trio.fail_after(self.limits.upstream_connect_timeout):
+                self.upstream = await self.open_upstream()
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError, UpstreamUnavailable) as exc:
+            log.warning("session %s: target %s unreachable: %s", self.info.session_id,
+                        self.target.name, _describe(exc))
+            await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                  f"the service behind target {self.target.name!r} is unavailable")
+            raise SessionEnded("upstream unavailable") from None
+        try:
+            credential = self.read_credential()
+        except UpstreamUnavailable as exc:
+            log.error("session %s: target %s credential unavailable: %s", self.info.session_id,
+                      self.target.name, exc)
+            await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                  f"target {self.target.name!r} is misconfigured")
+            raise SessionEnded("credential unavailable") from None
+        self.up = Connection(Role.CLIENT, max_read=self.limits.read_size)
+        try:
+            with trio.fail_after(self.limits.upstream_connect_timeout):
+                await self.to_upstream(Hello(client=f"{GATEWAY_NAME}/{self.info.identity.name}"[:255],
+                                             api_key=Secret(credential), limits=requested))
+                answer = await self.upstream_event()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                RemoteProtocolError) as exc:
+            log.warning("session %s: target %s failed during HELLO: %s", self.info.session_id,
+                        self.target.name, _describe(exc))
+            await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                  f"the service behind target {self.target.name!r} is unavailable")
+            raise SessionEnded("upstream failed during HELLO") from None
+        finally:
+            del credential
+        if isinstance(answer, Welcome):
+            return answer
+        if isinstance(answer, Error) and answer.code is ErrorCode.AUTH_FAILED:
+            log.error("session %s: target %s refused the gateway's credential",
+                      self.info.session_id, self.target.name)
+            await self.end_client(ErrorCode.UPSTREAM_AUTH_FAILED,
+                                  f"target {self.target.name!r} refused the gateway's credential")
+            raise SessionEnded("upstream refused the credential")
+        await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
+                              f"the service behind target {self.target.name!r} is unavailable")
+        raise SessionEnded(f"upstream answered HELLO with {type(answer).__name__}")
+
+    async def client_pump(self) -> str:
+        hooks, info = self.hooks, self.info
+        while True:
+            try:
+                event = await self.client_event()
+            except RemoteProtocolError as exc:
+                await self.end_client(exc.code, exc.message)
+                raise SessionEnded(f"client protocol error: {exc.message}") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "client connection lost"
+            if isinstance(event, ConnectionClosed):
+                return "client closed"
+            if isinstance(event, Request):
+                await hooks.observer.event("request", {
+                    "request_id": event.request_id, "op": str(event.op), "reason": event.reason,
+                    "resources": [[str(u.kind), u.name, str(u.access)]
+                                  for u in resources(event.op, event.args)]})
+                if self.goaway_code is not None and event.request_id > (
+                        self.down.goaway_last_request_id or 0):
+                    await self.to_client(Error(request_id=event.request_id, code=self.goaway_code,
+                                               message="the gateway sent GOAWAY; reconnect"))
+                    continue
+                decision = await hooks.policy.decide(info, event)
+                await hooks.observer.event("decision", {
+                    "request_id": event.request_id, "allow": decision.allow, "rule": decision.rule,
+                    "code": None if decision.allow else decision.code.name})
+                if decision.allow:
+                    await self.forward(event)
+                else:
+                    log.info("session %s: request %d (%s) denied: %s", info.session_id,
+                             event.request_id, event.op, decision.rule)
+                    await self.to_client(Error(request_id=event.request_id, code=decision.code,
+                                               message=decision.message or "denied by policy"))
+            elif isinstance(event, (Data, Rows)):
+                await self.forward(event)
+            elif isinstance(event, Cancel):
+                await hooks.observer.event("cancel", {"request_id": event.request_id})
+                assert self.up is not None
+                if self.up.stream_state(event.request_id) is not StreamState.DONE:
+                    await self.forward(event)
+            elif isinstance(event, Error):  # the client reports an error and closes
+                return f"client sent ERROR {event.code.name}"
+
+    async def forward(self, event: Event) -> None:
+        try:
+            await self.to_upstream(event)
+        except LocalProtocolError as exc:  # the two codecs disagree: fail closed
+            log.error("session %s: cannot forward %s: %s", self.info.session_id,
+                      type(event).__name__, exc.message)
+            await self.end_client(ErrorCode.PROTOCOL_ERROR, "the gateway could not forward a frame")
+            raise SessionEnded("forwarding failed") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service connection was lost")
+            raise SessionEnded("upstream connection lost") from None
+
+    async def upstream_pump(self) -> str:
+        while True:
+            try:
+                event = await self.upstream_event()
+            except RemoteProtocolError as exc:
+                log.error("session %s: upstream protocol error: %s", self.info.session_id, exc.message)
+                await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service broke the protocol")
+                raise SessionEnded("upstream protocol error") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                event = ConnectionClosed()
+            if isinstance(event, ConnectionClosed):
+                await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service closed the connection")
+                return "upstream closed"
+            if isinstance(event, Error) and event.request_id == 0:
+                log.warning("session %s: upstream ended the connection: %s %s",
+                            self.info.session_id, event.code.name, event.message)
+                await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
+                                      f"the service ended the connection ({event.code.name})")
+                return "upstream error"
+            if isinstance(event, GoAway):
+                await self.goaway(event.code, event.message or "the service is going away")
+                continue
+            if isinstance(event, (Continue, Data, Rows, Response, Result, Error, Notice)):
+                if isinstance(event, Continue):
+                    await self.hooks.observer.event("continue", {"request_id": event.request_id})
+                outgoing = self.hooks.transform.transform(self.info, event)
+                try:
+                    await self.to_client(outgoing)
+                except LocalProtocolError as exc:
+                    log.error("session %s: cannot relay %s: %s", self.info.session_id,
+                              type(event).__name__, exc.message)
+                    await self.end_client(ErrorCode.PROTOCOL_ERROR, "the gateway could not relay a frame")
+                    raise SessionEnded("relaying failed") from None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return "client connection lost"
+
+    async def goaway(self, code: ErrorCode, message: str) -> None:
+        if self.goaway_code is None:
+            self.goaway_code = code
+            await self.to_client(GoAway(last_request_id=self.down.last_request_id, code=code,
+                                        message=message))
+            await self.hooks.observer.event("goaway", {"code": code.name, "message": message})
+
+    async def timers(self) -> str:
+        not_after = self.info.not_after
+        notice_at = _seconds_until(not_after) - self.limits.expiry_notice
+        end_at = _seconds_until(not_after) + self.limits.expiry_grace
+        max_end = self.limits.max_session_length
+        start = trio.current_time()
+        warned = False
+        while True:
+            now = trio.current_time() - start
+            if now >= min(end_at, max_end):
+                if end_at <= max_end:
+                    await self.end_client(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expired")
+                    return "certificate expired"
+                await self.end_client(ErrorCode.SHUTTING_DOWN, "maximum session length reached")
+                return "maximum session length"
+            if not warned and now >= notice_at:
+                warned = True
+                left = max(0, round(end_at - now))
+                await self.to_client(Notice(request_id=0, kind=NoticeKind.EXPIRING,
+                                            message=f"certificate expires in {left} s; "
+                                                    "log in again and reconnect",
+                                            expires_at=not_after.timestamp()))
+                await self.goaway(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expires soon")
+            idle_for = time.monotonic() - self.activity.last
+            if idle_for >= self.limits.idle_timeout and self.down.pending == 0:
+                return "idle timeout"
+            wake = min(end_at, max_end) - now
+            if not warned:
+                wake = min(wake, notice_at - now)
+            await trio.sleep(max(0.0, min(wake, _WATCHDOG_INTERVAL,
+                                          self.limits.idle_timeout - idle_for + 0.01)))
+
+    async def commands(self) -> str:
+        async for kind, code, message in await self.control.commands():
+            if kind == "goaway":
+                await self.goaway(code, message)
+            else:
+                await self.goaway(code, message)
+                await self.end_client(code, message)
+                return f"ended by the gateway: {code.name}"
+        return "control closed"
+
+
+async def run_cwp_session(info: SessionInfo, client: trio.abc.Stream, *, target: TargetConfig,
+                          limits: LimitsConfig, open_upstream: OpenUpstream,
+                          read_credential: Callable[[], str], hooks: SessionHooks | None = None,
+                          control: SessionControl | None = None,
+                          max_hold_seconds: int = 900) -> str:
+    """Run a CWP session to its end; returns why it ended. Closes both streams."""
+    hooks = hooks or SessionHooks.default()
+    session = _CwpSession(info, client, target=target, limits=limits, open_upstream=open_upstream,
+                          read_credential=read_credential, hooks=hooks,
+                          control=control or SessionControl(), max_hold_seconds=max_hold_seconds)
+    reason = "ended"
+    try:
+        reason = await session.run()
+    except SessionEnded as exc:
+        reason = exc.reason
+    except RemoteProtocolError as exc:
+        await session.end_client(exc.code, exc.message)
+        reason = f"client protocol error: {exc.message}"
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        reason = "connection lost"
+    finally:
+        with trio.CancelScope(shield=True):
+            if session.upstream is not None:
+                await trio.aclose_forcefully(session.upstream)
+            await trio.aclose_forcefully(client)
+            await hooks.observer.closed(reason)
+    log.info("session %s ended: %s", info.session_id, reason)
+    return reason
+
+
+async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits: LimitsConfig,
+                          open_upstream: OpenUpstream, hooks: SessionHooks | None = None,
+                          control: SessionControl | None = None) -> str:
+    """Relay opaque bytes both ways until both sides are done; returns why it ended."""
+    hooks = hooks or SessionHooks.default()
+    control = control or SessionControl()
+    activity = _Activity()
+    try:
+        with trio.fail_after(limits.upstream_connect_timeout):
+            upstream = await open_upstream()
+    except (trio.TooSlowError, OSError, trio.BrokenResourceError, UpstreamUnavailable) as exc:
+        log.warning("session %s: target %s unreachable: %s", info.session_id, info.target,
+                    _describe(exc))
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(client)
+            await hooks.observer.closed("upstream unavailable")
+        return "upstream unavailable"
+    reason = "closed"
+    open_directions = 2
+
+    async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, from_client: bool) -> None:
+        nonlocal open_directions
+        while True:
+            try:
+                data = await src.receive_some(limits.read_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                open_directions -= 1
+                try:
+                    if isinstance(dst, trio.abc.HalfCloseableStream):
+                        await dst.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                return
+            activity.touch()
+            if from_client:
+                await hooks.observer.client_bytes(bytes(data))
+            else:
+                await hooks.observer.server_bytes(bytes(data))
+            await dst.send_all(data)
+
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def both() -> None:
+                nonlocal reason
+                try:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(pump, client, upstream, True)
+                        inner.start_soon(pump, upstream, client, False)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    reason = "connection lost"
+                nursery.cancel_scope.cancel()
+
+            async def watchdog() -> None:
+                nonlocal reason
+                end_at = trio.current_time() + min(_seconds_until(info.not_after) + limits.expiry_grace,
+                                                   limits.max_session_length)
+                while True:
+                    now = trio.current_time()
+                    if now >= end_at:
+                        reason = "certificate expired or maximum session length"
+                        break
+                    if time.monotonic() - activity.last >= limits.idle_timeout:
+                        reason = "idle timeout"
+                        break
+                    await trio.sleep(min(end_at - now, _WATCHDOG_INTERVAL))
+                nursery.cancel_scope.cancel()
+
+            async def commands() -> None:
+                nonlocal reason
+                async for _kind, code, _message in await control.commands():
+                    reason = f"ended by the gateway: {code.name}"
+                    break
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(both)
+            nursery.start_soon(watchdog)
+            nursery.start_soon(commands)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(upstream)
+            await trio.aclose_forcefully(client)
+            await hooks.observer.closed(reason)
+    log.info("session %s ended: %s", info.session_id, reason)
+    return reason
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+

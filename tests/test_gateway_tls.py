@@ -1,0 +1,792 @@
+"""The gateway's TLS front door: ``TlsStream`` (SSLObject + memory BIOs) and ``check_client``.
+
+Real loopback sockets on port 0 with Python's ``ssl`` (blocking, in a worker thread) or
+trio's ``SSLStream`` as the client; ``TlsStream`` semantics on trio memory streams. Every
+test is bounded (``trio.fail_after``, socket timeouts); nothing sleeps. The CA is real
+(``init_ca`` in a temp dir) and valid at the real time, since OpenSSL checks certificates
+against the real clock; ``check_client`` gets its time injected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+import l4proxy.gateway
+from l4proxy.gateway import (
+    ClientCheck,
+    ClientRejected,
+    RejectCode,
+    TlsHandshakeError,
+    TlsStream,
+    check_client,
+    client_context,
+    server_context,
+)
+from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identity, identity_uri, init_ca
+
+TD = "test.l4proxy"
+ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
+BOB = Identity(provider="github", subject="bob", groups=("ops",))
+TLS12 = ssl.TLSVersion.TLSv1_2
+TLS13 = ssl.TLSVersion.TLSv1_3
+VERSIONS = pytest.mark.parametrize("version", [TLS12, TLS13], ids=["tls1.2", "tls1.3"])
+MAX_LIFETIME = timedelta(hours=1)
+BIG = 4 * 1024 * 1024
+RECORD = 16 * 1024
+DEADLINE = 15  # seconds, for every networked test
+SOCKET_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path, now: datetime) -> Path:
+    d = tmp_path / "certs"
+    init_ca(d, trust_domain=TD, server_names=["localhost", "127.0.0.1"], now=now)
+    return d
+
+
+@pytest.fixture
+def ca(ca_dir: Path) -> CertificateAuthority:
+    return CertificateAuthority.load(ca_dir)
+
+
+@pytest.fixture
+def other_ca(tmp_path: Path, now: datetime) -> CertificateAuthority:
+    """Another CA of the same trust domain: its certificates must not get in."""
+    d = tmp_path / "other"
+    init_ca(d, trust_domain=TD, now=now)
+    return CertificateAuthority.load(d)
+
+
+@pytest.fixture
+def server_ctx(ca_dir: Path) -> ssl.SSLContext:
+    return server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+
+
+def _p256() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _mint(ca: CertificateAuthority, now: datetime, identity: Identity = ALICE, *,
+          ttl: timedelta = timedelta(minutes=10), key: ec.EllipticCurvePrivateKey | None = None,
+          ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = key or _p256()
+    cert = ca.mint_client(public_key=key.public_key(), identity=identity, replay_key="jti:t", ttl=ttl,
+                          now=now)
+    return key, cert
+
+
+def _write_pair(dir: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+                ) -> tuple[Path, Path]:
+    crt, pem_key = dir / f"{name}.crt", dir / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    pem_key.chmod(0o600)
+    return crt, pem_key
+
+
+def _client_ctx(ca_dir: Path, version: ssl.TLSVersion, pair: tuple[Path, Path] | None = None
+                ) -> ssl.SSLContext:
+    """A plain stdlib client context (independent of our own context helpers)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca_dir / "ca.crt")
+    ctx.maximum_version = version
+    if pair is not None:
+        ctx.load_cert_chain(*pair)
+    return ctx
+
+
+def _ca_key(ca_dir: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _reissue(ca_dir: Path, cert: x509.Certificate, *, drop: tuple[x509.ObjectIdentifier, ...] = (),
+             add: tuple[tuple[x509.ExtensionType, bool], ...] = (),
+             not_after: datetime | None = None) -> x509.Certificate:
+    """Re-sign ``cert`` with the real CA key, with extensions dropped/replaced or a new notAfter."""
+    replaced = {value.oid for value, _ in add}
+    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(cert.not_valid_before_utc)
+               .not_valid_after(not_after or cert.not_valid_after_utc))
+    for ext in cert.extensions:
+        if ext.oid not in drop and ext.oid not in replaced:
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    for value, critical in add:
+        builder = builder.add_extension(value, critical=critical)
+    return builder.sign(_ca_key(ca_dir), hashes.SHA256())
+
+
+def _no_locks(identity: Identity, serial: int) -> str | None:
+    return None
+
+
+def _check(ca: CertificateAuthority, cert: x509.Certificate, now: datetime,
+           locked: Callable[[Identity, int], str | None] = _no_locks) -> ClientCheck:
+    return check_client(cert, ca_bundle=ca.bundle(now=now), trust_domain=TD, max_lifetime=MAX_LIFETIME,
+                        now=now, locked=locked)
+
+
+def _connect(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+    try:
+        return ctx.wrap_socket(sock, server_hostname="localhost", session=session)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, sizes: list[int] | None = None) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        if sizes is not None:
+            sizes.append(len(chunk))
+        buf += chunk
+    return bytes(buf)
+
+
+async def _serve_one_client(server: Callable[[trio.SocketListener], Awaitable[T]],
+                            client: Callable[[int], Any]) -> tuple[T, Any]:
+    """Run ``server(listener)`` on a loopback port and ``client(port)`` in a thread."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    assert isinstance(listener, trio.SocketListener)
+    port = listener.socket.getsockname()[1]
+    results: dict[str, Any] = {}
+
+    async def run_server() -> None:
+        results["server"] = await server(listener)
+
+    async def run_client() -> None:
+        results["client"] = await trio.to_thread.run_sync(client, port)
+
+    try:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_server)
+                nursery.start_soon(run_client)
+    finally:
+        for lst in listeners:
+            await lst.aclose()
+    return results["server"], results["client"]
+
+
+def _client_error(port: int, ctx: ssl.SSLContext) -> ssl.SSLError:
+    """Connect, send and read: the server's rejection must arrive as a TLS alert.
+
+    With TLS 1.2 it fails the handshake; with TLS 1.3 the client's handshake completes
+    before the server checks its certificate, so the alert shows on the first read.
+    """
+    try:
+        with _connect(port, ctx) as sock:
+            sock.sendall(b"hello")
+            data = sock.recv(100)
+    except ssl.SSLError as exc:
+        return exc
+    raise AssertionError(f"the client was not refused with a TLS alert (read {data!r})")
+
+
+async def _refused_handshake(listener: trio.SocketListener, ctx: ssl.SSLContext) -> TlsHandshakeError:
+    stream = await listener.accept()
+    async with TlsStream(stream, ctx, server_side=True) as tls:
+        with pytest.raises(TlsHandshakeError) as info:
+            await tls.do_handshake()
+        # the stream stays broken
+        with pytest.raises(trio.BrokenResourceError):
+            await tls.receive_some()
+    return info.value
+
+
+# --- the public surface ----------------------------------------------------------------------
+
+
+def test_public_surface_is_explicit() -> None:
+    names = l4proxy.gateway.__all__
+    assert len(names) == len(set(names))
+    assert all(hasattr(l4proxy.gateway, name) for name in names)
+    assert {"TlsStream", "TlsHandshakeError", "server_context", "check_client", "ClientCheck",
+            "ClientRejected"} <= set(names)
+
+
+# --- contexts ----------------------------------------------------------------------------------
+
+
+def test_server_context_is_strict(server_ctx: ssl.SSLContext) -> None:
+    assert server_ctx.minimum_version is TLS12
+    assert server_ctx.maximum_version is TLS13
+    assert server_ctx.verify_mode is ssl.CERT_REQUIRED
+    assert server_ctx.verify_flags & ssl.VERIFY_X509_STRICT
+    assert server_ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert server_ctx.options & ssl.OP_NO_COMPRESSION
+    assert not server_ctx.options & ssl.OP_NO_TICKET  # resumption on: check_client catches it
+    tls12 = [c for c in server_ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12
+    assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in tls12)
+
+
+# --- real handshakes ---------------------------------------------------------------------------
+
+
+@VERSIONS
+async def test_good_client_exchanges_data_both_ways(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                                    server_ctx: ssl.SSLContext, now: datetime,
+                                                    version: ssl.TLSVersion) -> None:
+    key, cert = _mint(ca, now)
+    ctx = _client_ctx(ca_dir, version, _write_pair(tmp_path, "alice", key, cert))
+    payload = hashlib.shake_256(b"payload").digest(BIG)
+
+    async def server(listener: trio.SocketListener) -> dict[str, Any]:
+        stream = await listener.accept()
+        async with TlsStream(stream, server_ctx, server_side=True) as tls:
+            await tls.do_handshake()
+            peer = tls.peer_certificate()
+            assert peer is not None
+            check = _check(ca, peer, datetime.now(UTC))
+            assert await _receive_exactly(tls, 4) == b"ping"
+            await tls.send_all(b"pong")
+            sizes: list[int] = []
+            data = await _receive_exactly(tls, BIG, sizes)
+            await tls.send_all(hashlib.sha256(data).digest())
+            await tls.send_all(data[::-1])
+            eof = await tls.receive_some()  # the client's close_notify
+            return {"check": check, "version": tls.version(), "der": tls.getpeercert(),
+                    "reused": tls.session_reused, "sizes": sizes, "eof": eof}
+
+    def client(port: int) -> tuple[bytes, bytes]:
+        with _connect(port, ctx) as sock:
+            sock.sendall(b"ping")
+            assert _recv_exactly(sock, 4) == b"pong"
+            sock.sendall(payload)
+            digest = _recv_exactly(sock, 32)
+            back = _recv_exactly(sock, BIG)
+            sock.unwrap()  # close_notify both ways: the server's aclose answers
+            return digest, back
+
+    got, (digest, back) = await _serve_one_client(server, client)
+    assert got["version"] == ("TLSv1.2" if version is TLS12 else "TLSv1.3")
+    assert got["check"] == ClientCheck(identity=ALICE, serial=cert.serial_number,
+                                       not_after=cert.not_valid_after_utc)
+    assert got["der"] == cert.public_bytes(serialization.Encoding.DER)
+    assert got["reused"] is False
+    assert got["eof"] == b""
+    assert digest == hashlib.sha256(payload).digest()
+    assert back == payload[::-1]
+    # large reads: more than one 16 KiB record per receive_some
+    assert max(got["sizes"]) > RECORD
+
+
+@VERSIONS
+async def test_concurrent_send_and_receive(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                           server_ctx: ssl.SSLContext, now: datetime,
+                                           version: ssl.TLSVersion) -> None:
+    """An echo whose two directions run in two tasks on each side, interleaving freely."""
+    key, cert = _mint(ca, now)
+    ctx = _client_ctx(ca_dir, version, _write_pair(tmp_path, "alice", key, cert))
+    payload = hashlib.shake_256(b"echo").digest(BIG)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    assert isinstance(listeners[0], trio.SocketListener)
+    port = listeners[0].socket.getsockname()[1]
+    echoed = bytearray()
+
+    async def server() -> None:
+        stream = await listeners[0].accept()
+        send, receive = trio.open_memory_channel[bytes | bytearray](4)
+        async with TlsStream(stream, server_ctx, server_side=True) as tls:
+
+            async def pump_in() -> None:
+                async with send:
+                    while data := await tls.receive_some():
+                        await send.send(data)
+
+            async def pump_out() -> None:
+                async with receive:
+                    async for data in receive:
+                        await tls.send_all(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump_in)
+                nursery.start_soon(pump_out)
+
+    async def client() -> None:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        async with trio.SSLStream(tcp, ctx, server_hostname="localhost") as tls:
+
+            async def sender() -> None:
+                view = memoryview(payload)
+                for off in range(0, BIG, 100_000):
+                    await tls.send_all(view[off:off + 100_000])
+
+            async def receiver() -> None:
+                while len(echoed) < BIG:
+                    data = await tls.receive_some()
+                    assert data
+                    echoed.extend(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                nursery.start_soon(receiver)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            nursery.start_soon(client)
+    for lst in listeners:
+        await lst.aclose()
+    assert bytes(echoed) == payload
+
+
+@VERSIONS
+async def test_client_without_certificate_gets_an_alert(ca_dir: Path, server_ctx: ssl.SSLContext,
+                                                        version: ssl.TLSVersion) -> None:
+    ctx = _client_ctx(ca_dir, version)
+    refused, err = await _serve_one_client(lambda lst: _refused_handshake(lst, server_ctx),
+                                           lambda port: _client_error(port, ctx))
+    assert refused.reason == "peer did not return a certificate"
+    assert refused.alert is True
+    assert isinstance(refused.__cause__, ssl.SSLError)
+    # the cause on the client's side: the alert itself, not a reset or a bare EOF
+    if version is TLS12:
+        assert err.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
+    else:
+        assert err.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+
+
+@VERSIONS
+async def test_certificate_from_another_ca_gets_unknown_ca(tmp_path: Path, ca_dir: Path, now: datetime,
+                                                           other_ca: CertificateAuthority,
+                                                           server_ctx: ssl.SSLContext,
+                                                           version: ssl.TLSVersion) -> None:
+    key, cert = _mint(other_ca, now)
+    ctx = _client_ctx(ca_dir, version, _write_pair(tmp_path, "foreign", key, cert))
+    refused, err = await _serve_one_client(lambda lst: _refused_handshake(lst, server_ctx),
+                                           lambda port: _client_error(port, ctx))
+    assert refused.reason.startswith("certificate verify failed")
+    assert refused.alert is True
+    assert isinstance(refused.__cause__, ssl.SSLCertVerificationError)
+    assert err.reason == "TLSV1_ALERT_UNKNOWN_CA"
+
+
+@VERSIONS
+async def test_resumed_session_with_an_expired_certificate_is_refused(
+        tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, server_ctx: ssl.SSLContext, now: datetime,
+        version: ssl.TLSVersion) -> None:
+    """OpenSSL does not check the certificate of a resumed session again: we do."""
+    key, cert = _mint(ca, now, ttl=timedelta(minutes=5))
+    ctx = _client_ctx(ca_dir, version, _write_pair(tmp_path, "alice", key, cert))
+    later = cert.not_valid_after_utc + timedelta(seconds=1)  # the injected clock, after expiry
+
+    async def server(listener: trio.SocketListener) -> list[dict[str, Any]]:
+        seen = []
+        for clock in (now, later):
+            stream = await listener.accept()
+            async with TlsStream(stream, server_ctx, server_side=True) as tls:
+                await tls.do_handshake()
+                peer = tls.peer_certificate()
+                assert peer is not None
+                try:
+                    outcome: ClientCheck | ClientRejected = _check(ca, peer, clock)
+                except ClientRejected as exc:
+                    outcome = exc
+                await tls.send_all(b"refused" if isinstance(outcome, ClientRejected) else b"welcome")
+                seen.append({"reused": tls.session_reused, "outcome": outcome, "peer": peer})
+                assert await tls.receive_some() == b""
+        return seen
+
+    def client(port: int) -> list[tuple[bool | None, bytes]]:
+        out: list[tuple[bool | None, bytes]] = []
+        session = None
+        for _ in range(2):
+            with _connect(port, ctx, session) as sock:
+                answer = _recv_exactly(sock, 7)  # TLS 1.3: the tickets arrive before this
+                out.append((sock.session_reused, answer))
+                session = sock.session
+                sock.unwrap()  # a clean shutdown keeps the session resumable
+        return out
+
+    seen, answers = await _serve_one_client(server, client)
+    assert answers == [(False, b"welcome"), (True, b"refused")]
+    first, second = seen
+    assert first["reused"] is False
+    assert isinstance(first["outcome"], ClientCheck)
+    assert second["reused"] is True  # OpenSSL let the session back in...
+    assert second["peer"] == cert  # ...with the original certificate...
+    outcome = second["outcome"]
+    assert isinstance(outcome, ClientRejected)  # ...and our check refuses it
+    assert outcome.code == RejectCode.EXPIRED
+    assert "expired at" in outcome.reason
+    # the same resumed certificate at the real time is fine: the clock made the difference
+    assert _check(ca, second["peer"], now).identity == ALICE
+
+
+@VERSIONS
+async def test_locked_identity_is_refused(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                          server_ctx: ssl.SSLContext, now: datetime,
+                                          version: ssl.TLSVersion) -> None:
+    key, cert = _mint(ca, now)
+    ctx = _client_ctx(ca_dir, version, _write_pair(tmp_path, "alice", key, cert))
+    asked: list[tuple[Identity, int]] = []
+
+    def locked(identity: Identity, serial: int) -> str | None:
+        asked.append((identity, serial))
+        return "locked by admin: incident 42" if identity.name == "github/alice" else None
+
+    async def server(listener: trio.SocketListener) -> ClientRejected:
+        stream = await listener.accept()
+        async with TlsStream(stream, server_ctx, server_side=True) as tls:
+            await tls.do_handshake()
+            peer = tls.peer_certificate()
+            assert peer is not None
+            with pytest.raises(ClientRejected) as info:
+                _check(ca, peer, datetime.now(UTC), locked)
+            return info.value
+
+    def client(port: int) -> bytes:
+        with _connect(port, ctx) as sock:
+            return sock.recv(10)  # the server closes
+
+    refused, data = await _serve_one_client(server, client)
+    assert refused.code == RejectCode.LOCKED
+    assert "incident 42" in refused.reason
+    assert asked == [(ALICE, cert.serial_number)]
+    assert data == b""  # close_notify, then the transport closed
+
+
+# --- check_client ------------------------------------------------------------------------------
+
+
+def test_check_client_accepts_a_minted_certificate(ca: CertificateAuthority, now: datetime) -> None:
+    _, cert = _mint(ca, now, ttl=MAX_LIFETIME)  # exactly the maximum lifetime
+    result = _check(ca, cert, now)
+    assert result == ClientCheck(identity=ALICE, serial=cert.serial_number,
+                                 not_after=cert.not_valid_after_utc)
+    assert result.not_after.tzinfo is not None
+
+
+def _bad_certificates(ca_dir: Path, ca: CertificateAuthority, other_ca: CertificateAuthority,
+                      now: datetime) -> dict[str, x509.Certificate]:
+    _, good = _mint(ca, now)
+    server_eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    foreign_uri = x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier(identity_uri("other.example", "github", "alice"))])
+    return {
+        "ca_leaf": _reissue(ca_dir, good, add=((x509.BasicConstraints(ca=True, path_length=None), True),)),
+        "ca_leaf_no_bc": _reissue(ca_dir, good, drop=(x509.BasicConstraints.oid,)),
+        "no_client_auth": _reissue(ca_dir, good, add=((server_eku, False),)),
+        "no_client_auth_no_eku": _reissue(ca_dir, good, drop=(x509.ExtendedKeyUsage.oid,)),
+        "foreign_ca": _mint(other_ca, now)[1],
+        "lifetime": _reissue(ca_dir, good, not_after=good.not_valid_before_utc + timedelta(hours=25)),
+        "lifetime_minted": _mint(ca, now, ttl=MAX_LIFETIME + timedelta(minutes=1))[1],
+        "trust_domain": _reissue(ca_dir, good, add=((foreign_uri, False),)),
+        "malformed": _reissue(ca_dir, good, drop=(L4PROXY_IDENTITY_OID,)),
+        "trust_domain_no_san": _reissue(ca_dir, good, drop=(x509.SubjectAlternativeName.oid,)),
+        "malformed_unknown_critical": _reissue(ca_dir, good, add=((x509.OCSPNoCheck(), True),)),
+        # several problems: the documented priority decides
+        "foreign_ca_and_ca_leaf": _reissue(ca_dir, _mint(other_ca, now)[1],
+                                           add=((x509.BasicConstraints(ca=True, path_length=None), True),)),
+    }
+
+
+#: each crafted certificate -> the code it must be refused with
+BAD_CERTIFICATES = {
+    "ca_leaf": "ca_leaf", "ca_leaf_no_bc": "ca_leaf",
+    "no_client_auth": "no_client_auth", "no_client_auth_no_eku": "no_client_auth",
+    "foreign_ca": "foreign_ca", "foreign_ca_and_ca_leaf": "foreign_ca",
+    "lifetime": "lifetime", "lifetime_minted": "lifetime",
+    "trust_domain": "trust_domain", "trust_domain_no_san": "trust_domain",
+    "malformed": "malformed", "malformed_unknown_critical": "malformed",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CERTIFICATES))
+def test_check_client_rejects_bad_certificates(ca_dir: Path, ca: CertificateAuthority,
+                                               other_ca: CertificateAuthority, now: datetime,
+                                               name: str) -> None:
+    cert = _bad_certificates(ca_dir, ca, other_ca, now)[name]
+    expected = BAD_CERTIFICATES[name]
+    with pytest.raises(ClientRejected) as info:
+        _check(ca, cert, now)
+    assert info.value.code == expected
+    assert isinstance(info.value.code, RejectCode)
+    assert info.value.reason
+
+
+def test_check_client_validity_window(ca: CertificateAuthority, now: datetime) -> None:
+    _, cert = _mint(ca, now)
+    with pytest.raises(ClientRejected) as info:
+        _check(ca, cert, cert.not_valid_after_utc + timedelta(seconds=1))
+    assert info.value.code == RejectCode.EXPIRED
+    with pytest.raises(ClientRejected) as info:
+        _check(ca, cert, cert.not_valid_before_utc - timedelta(seconds=1))
+    assert info.value.code == RejectCode.NOT_YET_VALID
+    # the edges are inside
+    assert _check(ca, cert, cert.not_valid_after_utc).serial == cert.serial_number
+    assert _check(ca, cert, cert.not_valid_before_utc).serial == cert.serial_number
+
+
+@pytest.mark.parametrize("lock", ["identity", "group", "serial"])
+def test_check_client_asks_the_lock_lookup(ca: CertificateAuthority, now: datetime, lock: str) -> None:
+    _, cert = _mint(ca, now)
+    _, bobs = _mint(ca, now, BOB)
+
+    def locked(identity: Identity, serial: int) -> str | None:
+        hit = {"identity": identity.name == ALICE.name, "group": "eng" in identity.groups,
+               "serial": serial == cert.serial_number}[lock]
+        return f"{lock} lock" if hit else None
+
+    with pytest.raises(ClientRejected) as info:
+        _check(ca, cert, now, locked)
+    assert info.value.code == RejectCode.LOCKED
+    assert f"{lock} lock" in info.value.reason
+    assert _check(ca, bobs, now, locked).identity == BOB
+
+
+def test_lock_lookup_runs_only_for_otherwise_good_certificates(ca: CertificateAuthority,
+                                                               now: datetime) -> None:
+    _, cert = _mint(ca, now)
+    calls: list[int] = []
+
+    def locked(identity: Identity, serial: int) -> str | None:
+        calls.append(serial)
+        return None
+
+    with pytest.raises(ClientRejected):
+        _check(ca, cert, cert.not_valid_after_utc + timedelta(hours=1), locked)
+    assert calls == []
+
+
+def test_check_client_refuses_caller_bugs(ca: CertificateAuthority, now: datetime) -> None:
+    _, cert = _mint(ca, now)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        _check(ca, cert, now.replace(tzinfo=None))
+    with pytest.raises(ValueError, match="positive"):
+        check_client(cert, ca_bundle=ca.bundle(now=now), trust_domain=TD, max_lifetime=timedelta(0),
+                     now=now, locked=_no_locks)
+
+
+def test_a_rotated_away_ca_stops_counting(ca_dir: Path, ca: CertificateAuthority,
+                                          other_ca: CertificateAuthority, now: datetime) -> None:
+    _, cert = _mint(ca, now)
+    with pytest.raises(ClientRejected) as info:
+        check_client(cert, ca_bundle=other_ca.bundle(now=now), trust_domain=TD,
+                     max_lifetime=MAX_LIFETIME, now=now, locked=_no_locks)
+    assert info.value.code == RejectCode.FOREIGN_CA
+
+
+# --- TlsStream semantics on memory streams -------------------------------------------------------
+
+
+async def _pair(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, now: datetime,
+                version: ssl.TLSVersion, *, transport: str = "memory",
+                **server_options: Any) -> tuple[TlsStream, TlsStream]:
+    """A handshaken (server, client) pair of TlsStreams, our client_context on the client."""
+    key, cert = _mint(ca, now)
+    crt, pem_key = _write_pair(tmp_path, "alice", key, cert)
+    cctx = client_context(ca_dir / "ca.crt", cert=crt, key=pem_key)
+    cctx.maximum_version = version
+    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+    a, b = (trio.testing.memory_stream_pair() if transport == "memory"
+            else trio.testing.lockstep_stream_pair())
+    server = TlsStream(a, sctx, server_side=True, **server_options)
+    client = TlsStream(b, cctx, server_side=False, server_hostname="localhost")
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+    return server, client
+
+
+@VERSIONS
+async def test_half_close_and_clean_close(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                          now: datetime, version: ssl.TLSVersion) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, version)
+    assert client.server_hostname == "localhost"
+    assert server.server_side and not client.server_side
+    assert client.version() == server.version()
+    with trio.fail_after(DEADLINE):
+        await client.send_all(b"request")
+        await client.send_eof()
+        await client.send_eof()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        assert await _receive_exactly(server, 7) == b"request"
+        assert await server.receive_some() == b""
+        assert await server.receive_some() == b""  # EOF stays EOF
+        await server.send_all(b"response after the client's EOF")
+        assert await client.receive_some() == b"response after the client's EOF"
+        await server.aclose()
+        assert await client.receive_some() == b""
+        await client.aclose()
+        await client.aclose()  # idempotent
+    for stream in (server, client):
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"x")
+
+
+async def test_receive_returns_what_is_there_up_to_max_bytes(tmp_path: Path, ca_dir: Path,
+                                                             ca: CertificateAuthority, now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
+    data = hashlib.shake_256(b"x").digest(200_000)
+    with trio.fail_after(DEADLINE):
+        await client.send_all(data)  # 13 records, buffered in the memory stream
+        first = await server.receive_some(1000)
+        assert first == data[:1000]
+        rest = await server.receive_some()
+        assert len(rest) > RECORD  # every record that arrived, not one
+        rest += await _receive_exactly(server, len(data) - 1000 - len(rest))
+        assert first + rest == data
+        with pytest.raises(ValueError):
+            await server.receive_some(0)
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_byte_at_a_time_transport(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                        now: datetime) -> None:
+    """A transport that yields one byte per read: handshake and data still work."""
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13, read_size=1)
+    with trio.fail_after(DEADLINE):
+        await client.send_all(b"trickle" * 100)
+        assert await _receive_exactly(server, 700) == b"trickle" * 100
+        await server.send_all(b"ok")
+        assert await client.receive_some() == b"ok"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_concurrent_receives_conflict(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                            now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
+
+    async def blocked_receiver() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocked_receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await server.receive_some()
+            await server.aclose()  # wakes the blocked receiver with ClosedResourceError
+    await client.aclose()
+
+
+async def test_eof_without_close_notify_is_broken(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                                  now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
+    await client.send_all(b"partial")
+    await client.transport_stream.aclose()  # a bare close: possible truncation
+    assert await server.receive_some() == b"partial"
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await server.receive_some()
+    assert isinstance(info.value.__cause__, ssl.SSLEOFError)
+    with pytest.raises(trio.BrokenResourceError):
+        await server.send_all(b"x")
+    await server.aclose()  # closing a broken stream is fine
+
+
+async def test_ragged_eof_allowed_when_asked(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                             now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12, allow_ragged_eof=True)
+    await client.transport_stream.aclose()
+    assert await server.receive_some() == b""
+    await server.aclose()
+
+
+async def test_aclose_is_bounded_when_the_peer_never_reads(tmp_path: Path, ca_dir: Path,
+                                                           ca: CertificateAuthority, now: datetime,
+                                                           autojump_clock: trio.testing.MockClock) -> None:
+    # lockstep: every send waits until the peer reads, and this peer never does
+    # (TLS 1.2: with TLS 1.3 the server's session tickets would already wait for a reader)
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12, transport="lockstep", close_timeout=3.0)
+    start = trio.current_time()
+    with trio.fail_after(30):
+        await server.aclose()
+    assert 3.0 <= trio.current_time() - start < 4.0
+    with pytest.raises(trio.ClosedResourceError):
+        await server.receive_some()
+    await trio.aclose_forcefully(client)
+
+
+async def test_cancelled_receive_loses_nothing(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                               now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12)
+    with trio.move_on_after(0) as scope:
+        await server.receive_some()
+    assert scope.cancelled_caught
+    with trio.fail_after(DEADLINE):
+        await client.send_all(b"still here")
+        assert await server.receive_some() == b"still here"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_client_side_handshake_failure_is_typed(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
+                                                      now: datetime) -> None:
+    """Upstream TLS: a server whose name does not match is refused by our client."""
+    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+    cctx = client_context(ca_dir / "ca.crt")
+    a, b = trio.testing.memory_stream_pair()
+    server = TlsStream(a, sctx, server_side=True)
+    client = TlsStream(b, cctx, server_side=False, server_hostname="not-the-gateway.example")
+    errors: dict[str, BaseException] = {}
+
+    async def run(name: str, stream: TlsStream) -> None:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            errors[name] = exc
+        await stream.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "server", server)
+            nursery.start_soon(run, "client", client)
+    err = errors["client"]
+    assert isinstance(err, TlsHandshakeError)
+    assert "hostname mismatch" in err.reason.lower()
+    assert err.alert is True
+    # and the server learned why: our client's alert reached it
+    assert isinstance(errors["server"], TlsHandshakeError)
+    assert errors["server"].reason == "sslv3 alert bad certificate"
