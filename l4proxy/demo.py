@@ -194,6 +194,10 @@ def run_demo(work: Path, *, port: int = 0, once: bool = False) -> int:
         (work / "events.jsonl").write_text(
             '{"id": 1, "who": "alice", "ok": true}\n{"id": 2, "who": "bob", "ok": false}\n')
         readme = Path(__file__).resolve().parent.parent / "README.md"
+        if not readme.exists():  # installed without the source tree
+            readme = work / "sample.txt"
+            readme.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                                      for i in range(300)))
         for step in (["create-bucket", "demo-data"],
                      ["put", "demo-data", "readme.txt", str(readme)],
                      ["create-table", "events", "id:int", "who:text", "ok:bool"],
