@@ -173,6 +173,12 @@ async def test_operations_through_the_gateway(env: Env, caplog: pytest.LogCaptur
         with pytest.raises(RequestFailed) as exc:
             await c.stat("b", "missing")
         assert exc.value.code is ErrorCode.NOT_FOUND
+        assert (await c.ping(b"x"))["data"] == b"x"
+        assert await c.list_buckets() == ["b"]
+        assert (await c.stat("b", "k"))["size"] == len(body)
+        await c.delete("b", "k")
+        await c.drop_table("t")
+        assert (await c.delete_bucket("b"))["deleted_objects"] == 0
         session = c.session_id
     with trio.fail_after(5):  # the gateway writes session_end once its side has closed
         while not any(e["event"] == "session_end" for e in env.audit()):
