@@ -115,7 +115,7 @@ def served(tmp_path: Path) -> Any:
                 break
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(server.stderr.read().decode() if server.stderr else "no start")
+                raise RuntimeError(server.stderr.read().decode() if server.stderr else "no start") from None
             time.sleep(0.1)
     try:
         yield tmp_path, config, chunkd_port, ports, server
@@ -125,7 +125,7 @@ def served(tmp_path: Path) -> Any:
 
 
 async def test_reload_and_drain(served: Any) -> None:
-    tmp, config, chunkd_port, ports, server = served
+    tmp, config, _chunkd_port, ports, server = served
     ca = CertificateAuthority.load(tmp / "certs")
     ctx = ssl.create_default_context(cafile=str(tmp / "certs" / "ca.crt"))
     ctx.load_cert_chain(*_client_files(ca, tmp, "ivy", ("eng",)))
