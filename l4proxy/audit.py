@@ -3,8 +3,11 @@
 Theory of operation: events are plain dicts with an ``event`` name; the log adds the time
 (RFC 3339 UTC) and the gateway id, and writes one line, flushed, to a file (append mode,
 created 0600) or to stdout. Nothing secret may be put into an event: callers pass
-identities, serials and reasons, never tokens or keys. Size-based rotation arrives with
-the gateway issue.
+identities, serials and reasons, never tokens or keys.
+
+A file rotates by size: when the next line would take it past ``max_bytes``, it becomes
+``<name>.1`` (older ones shift up to ``<name>.<backups>``, the oldest is dropped) and a new
+file starts. No line is ever split across files.
 """
 
 from __future__ import annotations
@@ -29,30 +32,53 @@ def rfc3339(ts: float) -> str:
 class AuditLog:
     """Append-only JSON-lines audit log. ``path=None`` writes to stdout."""
 
-    def __init__(self, path: Path | None, *, gateway_id: str = "-", clock: Any = None) -> None:
+    def __init__(self, path: Path | None, *, gateway_id: str = "-", clock: Any = None,
+                 max_bytes: int = 100 << 20, backups: int = 5) -> None:
         import time
 
+        if max_bytes < 1024 or backups < 1:
+            raise ValueError("max_bytes must be >= 1 KiB and backups >= 1")
         self._clock = clock or time.time
         self.gateway_id = gateway_id
+        self.max_bytes = max_bytes
+        self.backups = backups
         self._lock = threading.Lock()
         self._file: IO[str]
+        self._size = 0
+        self.path = path
         if path is None:
             self._file = sys.stdout
             self._owned = False
         else:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
+            self._file = self._open(path)
             self._owned = True
-        self.path = path
+
+    def _open(self, path: Path) -> IO[str]:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(fd).st_size
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def _rotate(self, path: Path) -> None:
+        self._file.close()
+        for n in range(self.backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{n}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+        os.replace(path, path.with_name(f"{path.name}.1"))
+        self._file = self._open(path)
 
     def write(self, event: str, fields: Mapping[str, Any]) -> None:
         record = {"time": rfc3339(self._clock()), "event": event, "gateway": self.gateway_id,
                   **fields}
-        line = json.dumps(record, sort_keys=True, default=str)
+        line = json.dumps(record, sort_keys=True, default=str) + "\n"
+        size = len(line.encode("utf-8"))
         with self._lock:
-            self._file.write(line + "\n")
+            if self.path is not None and self._size and self._size + size > self.max_bytes:
+                self._rotate(self.path)
+            self._file.write(line)
             self._file.flush()
+            self._size += size
 
     def close(self) -> None:
         if self._owned:

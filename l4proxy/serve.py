@@ -95,9 +95,11 @@ class Server:
                 if config.listeners:
                     from .gateway import Gateway
 
+                    self.control.api.readiness.gateway_bound = False
                     self.gateway = Gateway(config, store=store, audit=audit,
                                            registry=self.control.api.registry)
                     addresses = await nursery.start(self.gateway.serve)
+                    self.control.api.readiness.gateway_bound = True
                 task_status.started(ServeAddresses(control=self.control, gateway=addresses))
                 with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM,
                                                signal.SIGINT) as signals:

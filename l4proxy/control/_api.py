@@ -63,6 +63,8 @@ class Readiness:
     """Checks outside the API that /readyz reports (set by the server that owns them)."""
 
     listeners_bound: bool = False
+    #: None when this process runs no gateway; else whether its listeners are bound
+    gateway_bound: bool | None = None
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -135,6 +137,8 @@ class ControlApi:
         failing: list[str] = []
         if not self.readiness.listeners_bound:
             failing.append("listeners")
+        if self.readiness.gateway_bound is False:
+            failing.append("gateway_listeners")
         try:
             await self.store.check_writable()
         except Exception:

@@ -181,6 +181,7 @@ class _Metrics:
     sessions_total: Counter
     handshakes: Counter
     rejections: Counter
+    bytes: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> _Metrics:
@@ -192,6 +193,8 @@ class _Metrics:
                                registry=registry),
             rejections=Counter("l4proxy_rejections_total", "Connections refused", ["reason"],
                                registry=registry),
+            bytes=Counter("l4proxy_bytes_total", "Bytes relayed to and from clients",
+                          ["target", "direction"], registry=registry),
         )
 
 
@@ -397,7 +400,11 @@ class Gateway:
         self.audit.write("session_start", {**info.log_fields(), "protocol": str(target.protocol),
                                            "listener": info.listener})
         log.info("session %s started: %s -> %s", info.session_id, info.identity.name, target.name)
-        observers: list[SessionObserver] = [_AuditObserver(self.audit, info)]
+        observers: list[SessionObserver] = [
+            _AuditObserver(self.audit, info),
+            _ByteCounter(self.metrics.bytes.labels(target.name, "from_client"),
+                         self.metrics.bytes.labels(target.name, "to_client")),
+        ]
         if self.observer_factory is not None:
             observers.append(self.observer_factory(info))
         hooks = SessionHooks.default()
@@ -485,6 +492,26 @@ def _lock_reason(locks: Any, identity: Identity, serial: int) -> str | None:
         return None
     lock = locks.match(identity.name, identity.groups, serial)
     return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
+
+
+class _ByteCounter:
+    """Counts client bytes in both directions (no identities in metric labels)."""
+
+    def __init__(self, received: Any, sent: Any) -> None:
+        self.received = received
+        self.sent = sent
+
+    async def client_bytes(self, data: bytes) -> None:
+        self.received.inc(len(data))
+
+    async def server_bytes(self, data: bytes) -> None:
+        self.sent.inc(len(data))
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        return None
+
+    async def closed(self, reason: str) -> None:
+        return None
 
 
 class _Observers:

@@ -170,6 +170,8 @@ class _CwpSession:
         self.up_lock = trio.Lock()
         self.activity = _Activity()
         self.goaway_code: ErrorCode | None = None
+        #: on every log line: the session id and the identity
+        self.tag = f"session {info.session_id} ({info.identity.name})"
 
     # --- writing -----------------------------------------------------------------------
 
@@ -248,14 +250,14 @@ class _CwpSession:
                 raise SessionEnded("client sent a credential (refused)")
             await self.hooks.observer.event("redaction", {"what": "client api_key",
                                                           "action": "stripped"})
-            log.info("session %s: client credential stripped", self.info.session_id)
+            log.info("%s: client credential stripped", self.tag)
         welcome_up = await self.connect_upstream(hello.limits)
         offered = Limits(max_frame_payload=welcome_up.limits.max_frame_payload,
                          max_control_size=welcome_up.limits.max_control_size,
                          max_pending=welcome_up.limits.max_pending,
                          max_hold_seconds=self.max_hold_seconds)
         limits = negotiate_limits(hello.limits, offered)
-        await self.to_client(Welcome(server=GATEWAY_NAME, session_id=self.info.session_id,
+        await self.to_client(Welcome(server=GATEWAY_NAME, session_id=self.tag,
                                      limits=limits, scope=welcome_up.scope))
         await self.hooks.observer.event("session_open", {"upstream_session": welcome_up.session_id})
         async with trio.open_nursery() as nursery:
@@ -279,7 +281,7 @@ class _CwpSession:
             with trio.fail_after(self.limits.upstream_connect_timeout):
                 self.upstream = await self.open_upstream()
         except (trio.TooSlowError, OSError, trio.BrokenResourceError, UpstreamUnavailable) as exc:
-            log.warning("session %s: target %s unreachable: %s", self.info.session_id,
+            log.warning("%s: target %s unreachable: %s", self.tag,
                         self.target.name, _describe(exc))
             await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
                                   f"the service behind target {self.target.name!r} is unavailable")
@@ -287,7 +289,7 @@ class _CwpSession:
         try:
             credential = self.read_credential()
         except UpstreamUnavailable as exc:
-            log.error("session %s: target %s credential unavailable: %s", self.info.session_id,
+            log.error("%s: target %s credential unavailable: %s", self.tag,
                       self.target.name, exc)
             await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
                                   f"target {self.target.name!r} is misconfigured")
@@ -300,7 +302,7 @@ class _CwpSession:
                 answer = await self.upstream_event()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 RemoteProtocolError) as exc:
-            log.warning("session %s: target %s failed during HELLO: %s", self.info.session_id,
+            log.warning("%s: target %s failed during HELLO: %s", self.tag,
                         self.target.name, _describe(exc))
             await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
                                   f"the service behind target {self.target.name!r} is unavailable")
@@ -308,10 +310,16 @@ class _CwpSession:
         finally:
             del credential
         if isinstance(answer, Welcome):
+            scope = answer.scope
+            if "*" in scope.buckets or "*" in scope.tables or "admin" in scope.access:
+                log.warning("%s: the credential of target %s reaches %s (buckets %s, tables %s); "
+                            "give the gateway a key scoped to what its policy grants", self.tag,
+                            self.target.name, "/".join(scope.access), list(scope.buckets),
+                            list(scope.tables))
             return answer
         if isinstance(answer, Error) and answer.code is ErrorCode.AUTH_FAILED:
-            log.error("session %s: target %s refused the gateway's credential",
-                      self.info.session_id, self.target.name)
+            log.error("%s: target %s refused the gateway's credential",
+                      self.tag, self.target.name)
             await self.end_client(ErrorCode.UPSTREAM_AUTH_FAILED,
                                   f"target {self.target.name!r} refused the gateway's credential")
             raise SessionEnded("upstream refused the credential")
@@ -348,7 +356,7 @@ class _CwpSession:
                 if decision.allow:
                     await self.forward(event)
                 else:
-                    log.info("session %s: request %d (%s) denied: %s", info.session_id,
+                    log.info("%s: request %d (%s) denied: %s", self.tag,
                              event.request_id, event.op, decision.rule)
                     await self.to_client(Error(request_id=event.request_id, code=decision.code,
                                                message=decision.message or "denied by policy"))
@@ -366,7 +374,7 @@ class _CwpSession:
         try:
             await self.to_upstream(event)
         except LocalProtocolError as exc:  # the two codecs disagree: fail closed
-            log.error("session %s: cannot forward %s: %s", self.info.session_id,
+            log.error("%s: cannot forward %s: %s", self.tag,
                       type(event).__name__, exc.message)
             await self.end_client(ErrorCode.PROTOCOL_ERROR, "the gateway could not forward a frame")
             raise SessionEnded("forwarding failed") from None
@@ -379,7 +387,7 @@ class _CwpSession:
             try:
                 event = await self.upstream_event()
             except RemoteProtocolError as exc:
-                log.error("session %s: upstream protocol error: %s", self.info.session_id, exc.message)
+                log.error("%s: upstream protocol error: %s", self.tag, exc.message)
                 await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service broke the protocol")
                 raise SessionEnded("upstream protocol error") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -388,8 +396,8 @@ class _CwpSession:
                 await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service closed the connection")
                 return "upstream closed"
             if isinstance(event, Error) and event.request_id == 0:
-                log.warning("session %s: upstream ended the connection: %s %s",
-                            self.info.session_id, event.code.name, event.message)
+                log.warning("%s: upstream ended the connection: %s %s",
+                            self.tag, event.code.name, event.message)
                 await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
                                       f"the service ended the connection ({event.code.name})")
                 return "upstream error"
@@ -403,7 +411,7 @@ class _CwpSession:
                 try:
                     await self.to_client(outgoing)
                 except LocalProtocolError as exc:
-                    log.error("session %s: cannot relay %s: %s", self.info.session_id,
+                    log.error("%s: cannot relay %s: %s", self.tag,
                               type(event).__name__, exc.message)
                     await self.end_client(ErrorCode.PROTOCOL_ERROR, "the gateway could not relay a frame")
                     raise SessionEnded("relaying failed") from None
@@ -486,7 +494,7 @@ async def run_cwp_session(info: SessionInfo, client: trio.abc.Stream, *, target:
                 await trio.aclose_forcefully(session.upstream)
             await trio.aclose_forcefully(client)
             await hooks.observer.closed(reason)
-    log.info("session %s ended: %s", info.session_id, reason)
+    log.info("%s ended: %s", session.tag, reason)
     return reason
 
 
@@ -501,8 +509,8 @@ async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits:
         with trio.fail_after(limits.upstream_connect_timeout):
             upstream = await open_upstream()
     except (trio.TooSlowError, OSError, trio.BrokenResourceError, UpstreamUnavailable) as exc:
-        log.warning("session %s: target %s unreachable: %s", info.session_id, info.target,
-                    _describe(exc))
+        log.warning("session %s (%s): target %s unreachable: %s", info.session_id,
+                    info.identity.name, info.target, _describe(exc))
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(client)
             await hooks.observer.closed("upstream unavailable")
@@ -575,7 +583,7 @@ async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits:
             await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(client)
             await hooks.observer.closed(reason)
-    log.info("session %s ended: %s", info.session_id, reason)
+    log.info("session %s (%s) ended: %s", info.session_id, info.identity.name, reason)
     return reason
 
 

@@ -1,0 +1,52 @@
+"""The audit log: JSON lines, 0600, size-based rotation without split lines."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from l4proxy.audit import AuditLog
+
+
+def test_lines_are_json_with_time_event_and_gateway(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a" / "audit.jsonl", gateway_id="gw", clock=lambda: 0.0)
+    log.write("thing", {"identity": "dev/alice", "n": 1})
+    log.close()
+    path = tmp_path / "a" / "audit.jsonl"
+    assert json.loads(path.read_text()) == {"time": "1970-01-01T00:00:00Z", "event": "thing",
+                                            "gateway": "gw", "identity": "dev/alice", "n": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_rotation_by_size_keeps_whole_lines_and_n_backups(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=1024, backups=2)
+    for i in range(100):
+        log.write("e", {"i": i, "pad": "x" * 40})
+    log.close()
+    files = [path, path.with_name("audit.jsonl.1"), path.with_name("audit.jsonl.2")]
+    assert all(f.exists() for f in files)
+    assert not path.with_name("audit.jsonl.3").exists()
+    seen = []
+    for f in reversed(files):
+        assert f.stat().st_size <= 1024
+        seen += [json.loads(line)["i"] for line in f.read_text().splitlines()]
+    assert seen == sorted(seen) and seen[-1] == 99  # newest last, nothing split or reordered
+    with pytest.raises(ValueError):
+        AuditLog(path, max_bytes=10)
+
+
+def test_reopening_appends_and_counts_the_existing_size(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = AuditLog(path, max_bytes=2048)
+    first.write("e", {"pad": "x" * 1500})
+    first.close()
+    again = AuditLog(path, max_bytes=2048)
+    again.write("e", {"pad": "y" * 1000})  # would exceed: rotates first
+    again.close()
+    assert "x" * 1500 in path.with_name("audit.jsonl.1").read_text()
+    assert "y" * 1000 in path.read_text()
