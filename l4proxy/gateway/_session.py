@@ -257,7 +257,7 @@ class _CwpSession:
                          max_pending=welcome_up.limits.max_pending,
                          max_hold_seconds=self.max_hold_seconds)
         limits = negotiate_limits(hello.limits, offered)
-        await self.to_client(Welcome(server=GATEWAY_NAME, session_id=self.tag,
+        await self.to_client(Welcome(server=GATEWAY_NAME, session_id=self.info.session_id,
                                      limits=limits, scope=welcome_up.scope))
         await self.hooks.observer.event("session_open", {"upstream_session": welcome_up.session_id})
         async with trio.open_nursery() as nursery:
