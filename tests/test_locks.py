@@ -347,3 +347,12 @@ def test_format_locks() -> None:
     # columns line up
     assert len({line.index("KIND") if i == 0 else len(line.split()[0]) + 2
                 for i, line in enumerate(lines)}) == 1
+
+
+async def test_a_locked_admin_cannot_use_the_admin_api(plane: Plane, root: Path) -> None:
+    mallory = await _login(plane, "mallory", ("admins",))
+    await run(admin.lock, root, identity="dev/mallory", reason="compromised")
+    with pytest.raises(AdminError) as info:  # her certificate is still valid: locked anyway
+        await run(admin.list_locks, mallory)
+    assert info.value.exit_code == 2 and "401" in str(info.value)
+    assert len(await run(admin.list_locks, root)) == 1  # she could not remove her lock

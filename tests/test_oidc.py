@@ -133,7 +133,8 @@ def test_two_providers_with_the_same_sub_give_different_identities() -> None:
 
 
 def test_replay_key_is_the_jti_when_present() -> None:
-    assert verify_id_token(sign(claims(jti="abc")), provider(), KEYS, now=NOW).replay_key == "jti:abc"
+    assert verify_id_token(sign(claims(jti="abc")), provider(), KEYS,
+                           now=NOW).replay_key == f"jti:{ISSUER}#abc"
 
 
 def test_a_token_without_jti_is_accepted_with_a_sha256_replay_key() -> None:

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from l4proxy.audit import AuditLog, rfc3339
 from l4proxy.config import Config, ProviderConfig
 from l4proxy.config._model import HARD_MAX_CERT_TTL
+from l4proxy.gateway._certcheck import ClientRejected, check_client
 from l4proxy.http import HttpRequest, HttpResponse, json_error, json_response
 from l4proxy.identity import (
     CertificateAuthority,
@@ -43,7 +44,6 @@ from l4proxy.identity import (
     NotPermitted,
     ProviderUnavailable,
     TokenRejected,
-    check_leaf,
     leaf_identity,
     load_csr,
 )
@@ -268,6 +268,10 @@ class ControlApi:
         if claim.kind is ClaimKind.RETRY:
             assert claim.certificate_pem is not None
             cert = x509.load_pem_x509_certificate(claim.certificate_pem.encode())
+            earlier = leaf_identity(cert, trust_domain=self.ca.trust_domain)
+            if earlier is None or earlier.name != identity.name:
+                return self._refuse(provider.name, "retry for a different identity", 401,
+                                    "unauthorized", "invalid token", req)
             log.info("enrollment retry for %s: same certificate returned", identity.name)
             self.m_enroll.labels(provider.name, "retry").inc()
             return self._issued(cert, identity, clamped=False)
@@ -304,8 +308,10 @@ class ControlApi:
 
     # --- endpoints that need a client certificate ---------------------------------------
 
-    def authenticate(self, req: HttpRequest) -> tuple[Identity | None, str]:
-        """The identity of the request's client certificate, checked like the data path.
+    async def authenticate(self, req: HttpRequest) -> tuple[Identity | None, str]:
+        """The identity of the request's client certificate, checked exactly as the data
+        path checks it (``check_client``: chain, validity, CA:FALSE, clientAuth, lifetime,
+        trust domain, and no lock on the identity, its groups or the serial).
 
         Returns (identity, "") or (None, reason).
         """
@@ -313,20 +319,26 @@ class ControlApi:
         if cert is None:
             return None, "no client certificate"
         now = self._now()
-        problems = check_leaf(cert, ca_bundle=self.ca.bundle(now=now),
-                              trust_domain=self.ca.trust_domain, now=now)
-        if problems:
-            return None, "; ".join(problems)
-        identity = leaf_identity(cert, trust_domain=self.ca.trust_domain)
-        if identity is None:
-            return None, "no identity in the certificate"
-        return identity, ""
+        locks = await self.store.active_locks(now=now.timestamp())
+
+        def locked(identity: Identity, serial: int) -> str | None:
+            lock = locks.match(identity.name, identity.groups, serial, now=now.timestamp())
+            return None if lock is None else f"lock {lock.id}"
+
+        try:
+            check = check_client(cert, ca_bundle=self.ca.bundle(now=now),
+                                 trust_domain=self.ca.trust_domain,
+                                 max_lifetime=timedelta(seconds=self.config.limits.max_cert_lifetime),
+                                 now=now, locked=locked)
+        except ClientRejected as exc:
+            return None, f"{exc.code}: {exc.reason}"
+        return check.identity, ""
 
     def is_admin(self, identity: Identity) -> bool:
         return bool(set(identity.groups) & set(self.config.control.admin_groups))
 
     async def _authenticated(self, req: HttpRequest) -> HttpResponse:
-        identity, reason = self.authenticate(req)
+        identity, reason = await self.authenticate(req)
         if identity is None:
             log.info("control request %s %s refused: %s", req.method, req.path, reason)
             return json_error(401, "unauthorized", "an l4proxy client certificate is required")

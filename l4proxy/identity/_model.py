@@ -46,7 +46,7 @@ class VerifiedToken:
 
     Attributes:
         identity: who the token proves.
-        replay_key: ``jti:<jti>`` when the token has a ``jti``, else ``sha256:<hex of the
+        replay_key: ``jti:<issuer>#<jti>`` when the token has a ``jti``, else ``sha256:<hex of the
             token>``; the token may be used once (see the state store).
         expires_at: the token's ``exp`` (Unix seconds): the replay record lives until then.
         issued_at: the token's ``iat``.

@@ -362,7 +362,9 @@ def verify_id_token(token: str, provider: ProviderConfig, keys: JwkSet, *, now: 
     groups = _groups(claims, provider)
     _check_bound_claims(claims, provider)
 
-    replay_key = f"jti:{jti}" if jti else "sha256:" + hashlib.sha256(token.encode("ascii")).hexdigest()
+    # jti values are unique per issuer only: the issuer is part of the key
+    replay_key = (f"jti:{provider.issuer}#{jti}" if jti
+                  else "sha256:" + hashlib.sha256(token.encode("ascii")).hexdigest())
     identity = Identity(provider=provider.name, subject=subject, email=email, groups=groups)
     return VerifiedToken(identity=identity, replay_key=replay_key, expires_at=expires_at,
                          issued_at=issued_at)
