@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--ttl", type=_duration, default=1800.0, help="lifetime (default 30m, max 1h)")
     bg.add_argument("--out", type=Path, required=True, help="where client.key/client.crt/ca.crt go")
     bg.add_argument("--audit-log", type=Path, help="default: <dir>/breakglass-audit.jsonl")
+    bg.add_argument("--groups", default="",
+                    help="comma-separated groups (e.g. an admin group, to lift locks when every "
+                         "admin is locked out)")
 
     login = sub.add_parser("login", help="exchange an OIDC ID token for a client certificate")
     login.add_argument("--enroll", required=True, help="the control API URL (https://HOST:PORT)")
@@ -247,8 +250,9 @@ def _breakglass(args: argparse.Namespace, now: object) -> int:
         return _fail("--identity must be breakglass/NAME")
     ca = CertificateAuthority.load(args.dir)
     key = ec.generate_private_key(ec.SECP256R1())
+    groups = tuple(g for g in args.groups.split(",") if g)
     cert, clamped = ca.issue_breakglass(name=name, public_key=key.public_key(),
-                                        ttl=dt.timedelta(seconds=args.ttl), now=now)
+                                        ttl=dt.timedelta(seconds=args.ttl), now=now, groups=groups)
     args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private_file(args.out / "client.key", key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -259,7 +263,8 @@ def _breakglass(args: argparse.Namespace, now: object) -> int:
         audit.write("breakglass_issued", {
             "identity": f"breakglass/{name}", "serial": f"{cert.serial_number:x}",
             "lifetime_s": int((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()),
-            "operator": os.environ.get("USER", "?"), "ttl_clamped": clamped})
+            "operator": os.environ.get("USER", "?"), "ttl_clamped": clamped,
+            "groups": list(groups)})
     finally:
         audit.close()
     print(f"break-glass certificate for breakglass/{name} in {args.out}, expires "
