@@ -151,6 +151,7 @@ class _Live:
     info: SessionInfo
     control: SessionControl
     target: str
+    cert: x509.Certificate
 
 
 class _AuditObserver:
@@ -254,11 +255,29 @@ class Gateway:
                         ", ".join(sorted(moved)) or "listeners added or removed")
         self.state = new
         for live in list(self.sessions.values()):
-            target = new.targets.get(live.target)
-            if target is None or not may_connect(target, live.info.identity):
+            if not self._still_allowed(live):
                 live.control.goaway(ErrorCode.DENIED_BY_POLICY,
                                     "access to this target was withdrawn; finish and disconnect")
         log.info("configuration reloaded")
+
+    def _still_allowed(self, live: _Live) -> bool:
+        """Whether the current state would admit this session again: its target and
+        listener still route there, access still allows it, and the certificate passes
+        the (possibly new) CA bundle, trust domain and lifetime checks."""
+        state = self.state
+        target = state.targets.get(live.target)
+        listener = state.listeners.get(live.info.listener)
+        if target is None or listener is None or live.target not in listener.config.targets:
+            return False
+        if not may_connect(target, live.info.identity):
+            return False
+        try:
+            check_client(live.cert, ca_bundle=state.ca_bundle, trust_domain=state.trust_domain,
+                         max_lifetime=timedelta(seconds=state.config.limits.max_cert_lifetime),
+                         now=datetime.now(UTC), locked=lambda _identity, _serial: None)
+        except ClientRejected:
+            return False
+        return True
 
     # --- serving --------------------------------------------------------------------------
 
@@ -266,6 +285,8 @@ class Gateway:
                     = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await self._refresh_locks(force=True)
+            # locks keep being enforced while draining: the watcher is outside `_accepting`
+            nursery.start_soon(self._lock_watcher)
             with self._accepting:
                 async with trio.open_nursery() as accept:
                     for lst in self.state.config.listeners:
@@ -275,7 +296,6 @@ class Gateway:
                         self.addresses[lst.name] = (addr[0], addr[1])
                         for listener in listeners:
                             accept.start_soon(self._accept_loop, lst.name, listener, nursery)
-                    accept.start_soon(self._lock_watcher)
                     log.info("gateway listening: %s", ", ".join(
                         f"{n}={h}:{p}" for n, (h, p) in self.addresses.items()))
                     task_status.started(dict(self.addresses))
@@ -332,9 +352,13 @@ class Gateway:
             await trio.aclose_forcefully(tls)
             return
         self.metrics.handshakes.labels(listener_name, "ok").inc()
+        # the handshake may have taken a while (the client sets its pace): decide on the
+        # configuration in force now, not the one at accept time
+        state = self.state
         der = tls.getpeercert(binary_form=True)
         sni = getattr(tls.ssl_object, "l4proxy_sni", None)
-        target = route(lst.config, state.targets, sni)
+        current = state.listeners.get(listener_name)
+        target = route(current.config, state.targets, sni) if current is not None else None
         await self._refresh_locks()
         locks = self._locks.locks
         try:
@@ -370,9 +394,17 @@ class Gateway:
                            not_after=check.not_after, target=target.name, client_address=peer,
                            listener=listener_name)
         control = SessionControl()
-        self.sessions[info.session_id] = _Live(info=info, control=control, target=target.name)
+        self.sessions[info.session_id] = _Live(info=info, control=control, target=target.name,
+                                               cert=cert)
         if self._no_sessions.is_set():
             self._no_sessions = trio.Event()
+        if state is not self.state and not self._still_allowed(self.sessions[info.session_id]):
+            del self.sessions[info.session_id]  # a reload landed during the checks above
+            if not self.sessions:
+                self._no_sessions.set()
+            await self._refuse(tls, target, peer, "access", "access withdrawn by a reload",
+                               ErrorCode.DENIED_BY_POLICY, identity=identity)
+            return
         await self._run_session(info, tls, target, control)
 
     async def _refuse(self, tls: TlsStream, target: TargetConfig | None, peer: str, reason: str,

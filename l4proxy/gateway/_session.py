@@ -86,6 +86,9 @@ log = logging.getLogger("l4proxy.gateway.session")
 GATEWAY_NAME = "l4proxy"
 #: how often the idle watchdog looks (seconds)
 _WATCHDOG_INTERVAL = 1.0
+#: the longest a GOAWAY or the final ERROR may wait to be sent (a client that does not
+#: read gets no more time than this)
+_GOODBYE_TIMEOUT = 2.0
 
 OpenUpstream = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -170,6 +173,9 @@ class _CwpSession:
         self.up_lock = trio.Lock()
         self.activity = _Activity()
         self.goaway_code: ErrorCode | None = None
+        self.goaway_last = 0
+        #: set by the timers or the gateway to end the session after the pumps stopped
+        self.final: tuple[ErrorCode, str] | None = None
         #: on every log line: the session id and the identity
         self.tag = f"session {info.session_id} ({info.identity.name})"
 
@@ -192,14 +198,18 @@ class _CwpSession:
                 self.activity.touch()
 
     async def end_client(self, code: ErrorCode, message: str) -> None:
-        """Send ERROR(0) to the client (even if its codec is in the ERROR state)."""
-        async with self.client_lock:
-            try:
-                data = self.down.send(Error(request_id=0, code=code, message=message))
-            except LocalProtocolError:
-                data = connection_error_frame(code, message)
-            await self.hooks.observer.server_bytes(data)
-            with trio.move_on_after(2):
+        """Send ERROR(0) to the client (even if its codec is in the ERROR state).
+
+        Best effort and bounded, the wait for the send lock included: a client that stops
+        reading must not keep its session alive past a lock or its certificate.
+        """
+        with trio.move_on_after(_GOODBYE_TIMEOUT):
+            async with self.client_lock:
+                try:
+                    data = self.down.send(Error(request_id=0, code=code, message=message))
+                except LocalProtocolError:
+                    data = connection_error_frame(code, message)
+                await self.hooks.observer.server_bytes(data)
                 try:
                     await self.client.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -274,6 +284,10 @@ class _CwpSession:
             nursery.start_soon(guard, self.upstream_pump)
             nursery.start_soon(guard, self.timers)
             nursery.start_soon(guard, self.commands)
+        if self.final is not None:
+            code, message = self.final
+            await self.goaway(code, message)
+            await self.end_client(code, message)
         return done[0] if done else "ended"
 
     async def connect_upstream(self, requested: RequestedLimits) -> Welcome:
@@ -344,8 +358,7 @@ class _CwpSession:
                     "request_id": event.request_id, "op": str(event.op), "reason": event.reason,
                     "resources": [[str(u.kind), u.name, str(u.access)]
                                   for u in resources(event.op, event.args)]})
-                if self.goaway_code is not None and event.request_id > (
-                        self.down.goaway_last_request_id or 0):
+                if self.goaway_code is not None and event.request_id > self.goaway_last:
                     await self.to_client(Error(request_id=event.request_id, code=self.goaway_code,
                                                message="the gateway sent GOAWAY; reconnect"))
                     continue
@@ -364,15 +377,28 @@ class _CwpSession:
                 await self.forward(event)
             elif isinstance(event, Cancel):
                 await hooks.observer.event("cancel", {"request_id": event.request_id})
-                assert self.up is not None
-                if self.up.stream_state(event.request_id) is not StreamState.DONE:
-                    await self.forward(event)
+                await self.forward(event)
             elif isinstance(event, Error):  # the client reports an error and closes
                 return f"client sent ERROR {event.code.name}"
 
     async def forward(self, event: Event) -> None:
+        """Re-encode ``event`` upstream. Decided under the upstream lock: a CANCEL for a
+        request the service already finished is dropped (it crossed the answer), and a
+        request the service will no longer take (it sent GOAWAY) is answered here."""
+        assert self.up is not None and self.upstream is not None
+        refused = False
         try:
-            await self.to_upstream(event)
+            async with self.up_lock:
+                if isinstance(event, Cancel) and \
+                        self.up.stream_state(event.request_id) is StreamState.DONE:
+                    return
+                if isinstance(event, Request) and self.up.goaway_last_request_id is not None:
+                    refused = True
+                else:
+                    data = self.up.send(event)
+                    if data:
+                        await self.upstream.send_all(data)
+                        self.activity.touch()
         except LocalProtocolError as exc:  # the two codecs disagree: fail closed
             log.error("%s: cannot forward %s: %s", self.tag,
                       type(event).__name__, exc.message)
@@ -381,6 +407,11 @@ class _CwpSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE, "the service connection was lost")
             raise SessionEnded("upstream connection lost") from None
+        if refused:
+            assert isinstance(event, Request)
+            await self.to_client(Error(request_id=event.request_id,
+                                       code=self.goaway_code or ErrorCode.SHUTTING_DOWN,
+                                       message="the service is going away; reconnect"))
 
     async def upstream_pump(self) -> str:
         while True:
@@ -402,7 +433,9 @@ class _CwpSession:
                                       f"the service ended the connection ({event.code.name})")
                 return "upstream error"
             if isinstance(event, GoAway):
-                await self.goaway(event.code, event.message or "the service is going away")
+                # promise the client no more than the service promised us
+                await self.goaway(event.code, event.message or "the service is going away",
+                                  last=event.last_request_id)
                 continue
             if isinstance(event, (Continue, Data, Rows, Response, Result, Error, Notice)):
                 if isinstance(event, Continue):
@@ -418,12 +451,20 @@ class _CwpSession:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return "client connection lost"
 
-    async def goaway(self, code: ErrorCode, message: str) -> None:
-        if self.goaway_code is None:
-            self.goaway_code = code
-            await self.to_client(GoAway(last_request_id=self.down.last_request_id, code=code,
-                                        message=message))
-            await self.hooks.observer.event("goaway", {"code": code.name, "message": message})
+    async def goaway(self, code: ErrorCode, message: str, *, last: int | None = None) -> None:
+        """Send GOAWAY once (best effort, bounded). ``last``: the highest request id that
+        will still be served (default: every request received so far)."""
+        if self.goaway_code is not None:
+            return
+        self.goaway_code = code
+        last_id = self.down.last_request_id if last is None else min(last, self.down.last_request_id)
+        self.goaway_last = last_id
+        await self.hooks.observer.event("goaway", {"code": code.name, "message": message})
+        with trio.move_on_after(_GOODBYE_TIMEOUT):
+            try:
+                await self.to_client(GoAway(last_request_id=last_id, code=code, message=message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def timers(self) -> str:
         not_after = self.info.not_after
@@ -435,18 +476,24 @@ class _CwpSession:
         while True:
             now = trio.current_time() - start
             if now >= min(end_at, max_end):
+                # the pumps stop first (the nursery is cancelled when this returns), then
+                # run() sends the final ERROR: a client that does not read cannot delay it
                 if end_at <= max_end:
-                    await self.end_client(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expired")
+                    self.final = (ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expired")
                     return "certificate expired"
-                await self.end_client(ErrorCode.SHUTTING_DOWN, "maximum session length reached")
+                self.final = (ErrorCode.SHUTTING_DOWN, "maximum session length reached")
                 return "maximum session length"
             if not warned and now >= notice_at:
                 warned = True
                 left = max(0, round(end_at - now))
-                await self.to_client(Notice(request_id=0, kind=NoticeKind.EXPIRING,
-                                            message=f"certificate expires in {left} s; "
-                                                    "log in again and reconnect",
-                                            expires_at=not_after.timestamp()))
+                with trio.move_on_after(_GOODBYE_TIMEOUT):
+                    try:
+                        await self.to_client(Notice(request_id=0, kind=NoticeKind.EXPIRING,
+                                                    message=f"certificate expires in {left} s; "
+                                                            "log in again and reconnect",
+                                                    expires_at=not_after.timestamp()))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
                 await self.goaway(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expires soon")
             idle_for = time.monotonic() - self.activity.last
             if idle_for >= self.limits.idle_timeout and self.down.pending == 0:
@@ -462,8 +509,7 @@ class _CwpSession:
             if kind == "goaway":
                 await self.goaway(code, message)
             else:
-                await self.goaway(code, message)
-                await self.end_client(code, message)
+                self.final = (code, message)  # sent by run() once the pumps have stopped
                 return f"ended by the gateway: {code.name}"
         return "control closed"
 
