@@ -346,3 +346,46 @@ async def test_idle_sessions_are_closed(nursery: trio.Nursery, tmp_path: Path) -
         await trio.sleep(1.8)
         with pytest.raises(ClientError):
             await c.ping()
+
+
+async def test_a_lock_ends_a_session_whose_client_stopped_reading(env: Env) -> None:
+    import socket
+    import time as _time
+
+    from l4proxy.wire import NEED_DATA, Connection, Continue, Data, Hello, Op, Request, Result, Role, Welcome
+
+    host, port = env.address
+    tcp = await trio.open_tcp_stream(host, port)
+    tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tls = trio.SSLStream(tcp, env.context("stalled"), server_hostname="chunks.gw.test")
+    conn = Connection(Role.CLIENT)
+
+    async def next_event() -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                return event
+            conn.receive_data(await tls.receive_some(65536))
+
+    with trio.fail_after(20):
+        await tls.send_all(conn.send(Hello(client="stalled")))
+        assert isinstance(await next_event(), Welcome)
+        await tls.send_all(conn.send(Request(request_id=1, op=Op.CREATE_BUCKET, args={"bucket": "b"})))
+        assert isinstance(await next_event(), Result)
+        body = os.urandom(8 << 20)
+        await tls.send_all(conn.send(Request(request_id=2, op=Op.PUT, args={"bucket": "b", "key": "k"})))
+        assert isinstance(await next_event(), Continue)
+        for off in range(0, len(body), 1 << 20):
+            await tls.send_all(conn.send(Data(request_id=2, data=body[off:off + (1 << 20)],
+                                              end_stream=off + (1 << 20) >= len(body))))
+        assert isinstance(await next_event(), Result)
+        # ask for the object and never read the answer: the gateway's send blocks
+        await tls.send_all(conn.send(Request(request_id=3, op=Op.GET, args={"bucket": "b", "key": "k"})))
+        await trio.sleep(0.5)
+        assert len(env.gateway.sessions) == 1
+        await env.store.add_lock(LockSpec(kind=LockKind.IDENTITY, value="dev/stalled", reason="x",
+                                          created_by="dev/admin"), now=_time.time())
+        with trio.fail_after(5):  # lock poll (0.5 s) + the bounded goodbye (2 s)
+            while env.gateway.sessions:
+                await trio.sleep(0.05)
+    await trio.aclose_forcefully(tls)
