@@ -389,3 +389,33 @@ async def test_a_lock_ends_a_session_whose_client_stopped_reading(env: Env) -> N
             while env.gateway.sessions:
                 await trio.sleep(0.05)
     await trio.aclose_forcefully(tls)
+
+
+async def test_the_observer_never_sees_a_client_credential(nursery: trio.Nursery,
+                                                           tmp_path: Path) -> None:
+    env = await _env(nursery, tmp_path, credentials=ClientCredentials.STRIP)
+    seen: dict[str, bytearray] = {"client": bytearray(), "server": bytearray()}
+
+    class Tap:
+        async def client_bytes(self, data: bytes) -> None:
+            seen["client"] += data
+
+        async def server_bytes(self, data: bytes) -> None:
+            seen["server"] += data
+
+        async def event(self, kind: str, fields: Any) -> None:
+            return None
+
+        async def closed(self, reason: str) -> None:
+            return None
+
+    env.gateway.observer_factory = lambda info: Tap()
+    async with env.connect(api_key="client-side-secret-key") as c:
+        assert "time" in await c.ping()
+    with trio.fail_after(5):
+        while not any(e["event"] == "session_end" for e in env.audit()):
+            await trio.sleep(0.02)
+    assert b"client-side-secret-key" not in seen["client"]
+    assert b"*" * len("client-side-secret-key") in seen["client"]  # marked, same framing
+    assert env.secret.encode() not in seen["client"] + seen["server"]
+    assert seen["server"]  # the WELCOME and the RESULT went to the client

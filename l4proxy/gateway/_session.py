@@ -174,6 +174,8 @@ class _CwpSession:
         self.activity = _Activity()
         self.goaway_code: ErrorCode | None = None
         self.goaway_last = 0
+        #: client bytes held back from the observer until HELLO is parsed
+        self._held: bytearray | None = bytearray()
         #: set by the timers or the gateway to end the session after the pumps stopped
         self.final: tuple[ErrorCode, str] | None = None
         #: on every log line: the session id and the identity
@@ -225,9 +227,25 @@ class _CwpSession:
                 return event
             data = await self.client.receive_some(self.limits.read_size)
             if data:
-                await self.hooks.observer.client_bytes(bytes(data))
+                if self._held is not None:
+                    self._held += data  # until HELLO is parsed: it may carry a credential
+                else:
+                    await self.hooks.observer.client_bytes(bytes(data))
                 self.activity.touch()
             self.down.receive_data(data)
+
+    async def release_held(self, secret: str | None) -> None:
+        """Hand the bytes read before HELLO was parsed to the observer, with a client
+        credential (refused or stripped) overwritten by a same-length marker, so the
+        record keeps its framing but never holds the secret."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        data = bytes(held)
+        if secret:
+            raw = secret.encode("utf-8")
+            data = data.replace(raw, b"*" * len(raw))
+        await self.hooks.observer.client_bytes(data)
 
     async def upstream_event(self) -> Event:
         assert self.up is not None and self.upstream is not None
@@ -250,8 +268,10 @@ class _CwpSession:
         except trio.TooSlowError:
             raise SessionEnded("no HELLO in time") from None
         if isinstance(hello, ConnectionClosed):
+            await self.release_held(None)
             raise SessionEnded("client closed before HELLO")
         assert isinstance(hello, Hello)
+        await self.release_held(hello.api_key.reveal() if hello.api_key is not None else None)
         if hello.api_key is not None:
             if self.target.client_credentials is ClientCredentials.REFUSE:
                 await self.end_client(ErrorCode.CLIENT_CREDENTIAL_REFUSED,
@@ -536,6 +556,7 @@ async def run_cwp_session(info: SessionInfo, client: trio.abc.Stream, *, target:
         reason = "connection lost"
     finally:
         with trio.CancelScope(shield=True):
+            await session.release_held(None)  # e.g. garbage instead of a HELLO
             if session.upstream is not None:
                 await trio.aclose_forcefully(session.upstream)
             await trio.aclose_forcefully(client)
