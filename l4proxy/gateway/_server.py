@@ -58,6 +58,9 @@ LOCK_REFRESH = 5.0
 #: accept() errors that mean "out of descriptors or memory": wait and retry
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY = 0.1
+#: handshakes in progress from one client address; more are closed at once, so one
+#: source cannot pile up descriptors and buffers while others still get through
+MAX_HANDSHAKES_PER_ADDRESS = 128
 
 _REJECT_CODES = {
     "expired": ErrorCode.CERTIFICATE_EXPIRED,
@@ -232,6 +235,7 @@ class Gateway:
         self._drained = trio.Event()
         self._no_sessions = trio.Event()
         self._no_sessions.set()
+        self._handshaking: dict[str, int] = {}
         self.reload_failures = 0
 
     # --- configuration --------------------------------------------------------------------
@@ -336,10 +340,13 @@ class Gateway:
             peer = stream.socket.getpeername()[0]
         except OSError:
             peer = "?"
-        if lst is None:
+        if lst is None or self._handshaking.get(peer, 0) >= MAX_HANDSHAKES_PER_ADDRESS:
+            if lst is not None:
+                self.metrics.rejections.labels("handshake_flood").inc()
             await trio.aclose_forcefully(stream)
             return
         tls = TlsStream(stream, lst.context, server_side=True, read_size=limits.read_size)
+        self._handshaking[peer] = self._handshaking.get(peer, 0) + 1
         try:
             with trio.fail_after(limits.handshake_timeout):
                 await tls.do_handshake()
@@ -351,6 +358,12 @@ class Gateway:
                      getattr(exc, "reason", None) or type(exc).__name__)
             await trio.aclose_forcefully(tls)
             return
+        finally:
+            left = self._handshaking[peer] - 1
+            if left:
+                self._handshaking[peer] = left
+            else:
+                del self._handshaking[peer]
         self.metrics.handshakes.labels(listener_name, "ok").inc()
         # the handshake may have taken a while (the client sets its pace): decide on the
         # configuration in force now, not the one at accept time
