@@ -298,6 +298,10 @@ class _CwpSession:
                     done.append(await fn())
                 except SessionEnded as exc:
                     done.append(exc.reason)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # upstream writes fail in forward(), client reads in client_pump:
+                    # what reaches here is a failed write to the client
+                    done.append("client connection lost")
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(guard, self.client_pump)
@@ -616,7 +620,7 @@ async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits:
                     async with trio.open_nursery() as inner:
                         inner.start_soon(pump, client, upstream, True)
                         inner.start_soon(pump, upstream, client, False)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except* (trio.BrokenResourceError, trio.ClosedResourceError):
                     reason = "connection lost"
                 nursery.cancel_scope.cancel()
 
