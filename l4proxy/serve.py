@@ -85,7 +85,9 @@ class Server:
         config = self.config
         sqlite = SqliteStateStore.open(config.gateway.state_dir)
         store = AsyncStateStore(sqlite)
-        audit = AuditLog(config.gateway.state_dir / "audit.jsonl", gateway_id=config.gateway.id)
+        audit = AuditLog(config.gateway.audit_path, gateway_id=config.gateway.id,
+                         max_bytes=config.gateway.audit_max_bytes,
+                         backups=config.gateway.audit_backups)
         try:
             async with trio.open_nursery() as nursery:
                 self.control = await nursery.start(functools.partial(

@@ -155,7 +155,8 @@ def test_sample_content() -> None:
 
 def _documented_keys(cls: type) -> set[str]:
     keys = {f.name for f in dataclasses.fields(cls)} - {"jwks_source", "jwks_location", "source",
-                                                         "credential_file", "credential_env"}
+                                                         "credential_file", "credential_env",
+                                                         "audit_stdout"}
     return keys | ({"jwks"} if cls is ProviderConfig else set()) | ({"credential"} if cls is TargetConfig
                                                                     else set())
 
@@ -166,6 +167,20 @@ def test_sample_documents_every_key(cls: type) -> None:
     text = SAMPLE.read_text()
     for key in _documented_keys(cls):
         assert re.search(rf"^(# )?{key} = |\.{key}\]+$", text, re.MULTILINE), key
+
+
+def test_audit_log_settings(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, GATEWAY))
+    assert default.gateway.audit_path == tmp_path / "state" / "audit.jsonl"
+    stdout = load_config(write(tmp_path, GATEWAY.replace(
+        "[gateway]\n", '[gateway]\naudit_log = "-"\naudit_max_bytes = "10MiB"\naudit_backups = 2\n')))
+    assert stdout.gateway.audit_path is None and stdout.gateway.audit_max_bytes == 10 << 20
+    assert stdout.gateway.audit_backups == 2
+    filed = load_config(write(tmp_path, GATEWAY.replace(
+        "[gateway]\n", '[gateway]\naudit_log = "logs/a.jsonl"\n')))
+    assert filed.gateway.audit_path == tmp_path / "logs" / "a.jsonl"
+    bad = check_config(write(tmp_path, GATEWAY.replace("[gateway]\n", "[gateway]\naudit_backups = 0\n")))
+    assert [p.path for p in bad.problems] == ["gateway.audit_backups"]
 
 
 def test_sample_dev_provider_block_is_valid_when_uncommented(tmp_path: Path) -> None:

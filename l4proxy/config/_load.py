@@ -575,7 +575,7 @@ def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
 _TOP = ("gateway", "control", "identity", "ca", "limits", "targets", "listeners")
 #: sections later issues add; until then they are unknown keys with a hint
 _FUTURE = ("recording", "policy", "masking", "approvals")
-_GATEWAY = ("id", "state_dir")
+_GATEWAY = ("id", "state_dir", "audit_log", "audit_max_bytes", "audit_backups")
 _CONTROL = ("listen", "ops_listen", "admin_groups", "rate_per_identity", "rate_per_address", "max_body")
 _CA = ("dir", "trust_domain", "breakglass_max_ttl")
 _IDENTITY = ("providers",)
@@ -632,9 +632,21 @@ def _gateway(root: _Table) -> GatewayConfig | None:
         return None
     gateway_id = t.string("id", required=True, pattern=_GATEWAY_ID, expected=_GATEWAY_ID_TEXT)
     state_dir = t.path_value("state_dir", required=True)
+    raw_audit = t.string("audit_log")
+    audit_log: Path | None = None
+    audit_stdout = raw_audit == "-"
+    if raw_audit is not None and not audit_stdout:
+        audit_log = t.path_value("audit_log")
+    max_bytes = t.size("audit_max_bytes", minimum=1 << 10, maximum=1 << 40,
+                       range_text="1KiB..1TiB")
+    backups = t.integer("audit_backups", minimum=1)
     if gateway_id is None or state_dir is None:
         return None
-    return GatewayConfig(id=gateway_id, state_dir=state_dir)
+    defaults = GatewayConfig(id=gateway_id, state_dir=state_dir)
+    return GatewayConfig(id=gateway_id, state_dir=state_dir, audit_log=audit_log,
+                         audit_stdout=audit_stdout,
+                         audit_max_bytes=defaults.audit_max_bytes if max_bytes is None else max_bytes,
+                         audit_backups=defaults.audit_backups if backups is None else backups)
 
 
 def _control(root: _Table) -> ControlConfig:

@@ -52,6 +52,20 @@ RESERVED_PROVIDER_NAMES = frozenset({"breakglass"})
 class GatewayConfig:
     id: str
     state_dir: Path
+    #: the audit log file (default ``<state_dir>/audit.jsonl``); ``audit_stdout`` writes
+    #: JSON lines to standard output instead (``audit_log = "-"``)
+    audit_log: Path | None = None
+    audit_stdout: bool = False
+    #: rotate the audit file past this size, keeping this many old files
+    audit_max_bytes: int = 100 << 20
+    audit_backups: int = 5
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where audit events go (None: standard output)."""
+        if self.audit_stdout:
+            return None
+        return self.audit_log or self.state_dir / "audit.jsonl"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
