@@ -356,3 +356,24 @@ async def test_a_locked_admin_cannot_use_the_admin_api(plane: Plane, root: Path)
         await run(admin.list_locks, mallory)
     assert info.value.exit_code == 2 and "401" in str(info.value)
     assert len(await run(admin.list_locks, root)) == 1  # she could not remove her lock
+
+
+async def test_the_lock_commands_of_the_cli(plane: Plane, root: Path) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "l4proxy.cli", *args, "--profile", str(root)],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    made = await trio.to_thread.run_sync(lambda: cli("lock", "--group", "contractors",
+                                                     "--until", "1h", "--reason", "audit"))
+    assert made.returncode == 0, made.stderr
+    listed = await trio.to_thread.run_sync(lambda: cli("locks", "--json"))
+    assert listed.returncode == 0, listed.stderr
+    (lock,) = json.loads(listed.stdout)
+    assert (lock["kind"], lock["value"], lock["reason"]) == ("group", "contractors", "audit")
+    gone = await trio.to_thread.run_sync(lambda: cli("unlock", lock["id"]))
+    assert gone.returncode == 0 and lock["id"] in gone.stdout
+    missing = await trio.to_thread.run_sync(lambda: cli("unlock", lock["id"]))
+    assert missing.returncode == 2

@@ -159,6 +159,16 @@ async def test_reload_and_drain(served: Any) -> None:
     config.write_text(good)
     status, body = await trio.to_thread.run_sync(_admin_post, reload_url, admin_ctx)
     assert status == 200 and body == {"problems": [], "reloaded": True}
+    # metrics: sessions, bytes, handshakes, rejections; never the credential or identities
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['ops']}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+    text = await trio.to_thread.run_sync(metrics)
+    for name in ("l4proxy_sessions_total", "l4proxy_bytes_total", "l4proxy_handshakes_total",
+                 "l4proxy_rejections_total", "l4proxy_sessions_active"):
+        assert name in text, name
+    assert "ck_serve_secret_value" not in text and "dev/ivy" not in text
     # SIGTERM drains: the live session gets GOAWAY(SHUTTING_DOWN), the process exits 0
     async with ChunkClient.connect("127.0.0.1", ports["gateway"], ssl_context=ctx,
                                    server_name="127.0.0.1") as c:
