@@ -419,3 +419,38 @@ async def test_the_observer_never_sees_a_client_credential(nursery: trio.Nursery
     assert b"*" * len("client-side-secret-key") in seen["client"]  # marked, same framing
     assert env.secret.encode() not in seen["client"] + seen["server"]
     assert seen["server"]  # the WELCOME and the RESULT went to the client
+
+
+async def test_openssl_s_client_works_through_a_tcp_target(env: Env) -> None:
+    """Any TLS client works with a tcp target, given its certificate. Needs the openssl
+    command (Debian's openssl package); skipped where it is not installed."""
+    import select
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    cert, key = env.client_files("alice")
+    host, port = env.address
+
+    def talk() -> str:
+        proc = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "echo.gw.test",
+             "-cert", str(cert), "-key", str(key), "-CAfile", str(env.tmp / "certs" / "ca.crt"),
+             "-verify_return_error", "-quiet"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(b"ping over openssl\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 15)  # bounded wait
+            return proc.stdout.readline().decode() if ready else ""
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdin.close()
+            proc.stdout.close()
+
+    with trio.fail_after(20):
+        line = await trio.to_thread.run_sync(talk)
+    assert line == "ping over openssl\n"
