@@ -535,7 +535,7 @@ _PUBLIC = {
 def _lock_reason(locks: Any, identity: Identity, serial: int) -> str | None:
     if locks is None:
         return None
-    lock = locks.match(identity.name, identity.groups, serial)
+    lock = locks.match(identity.name, identity.groups, serial, now=time.time())
     return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
 
 
