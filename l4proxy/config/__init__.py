@@ -24,6 +24,7 @@ from ._model import (
     LimitsConfig,
     ListenerConfig,
     ProviderConfig,
+    RecordingConfig,
     TargetConfig,
     TargetProtocol,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ListenerConfig",
     "Problem",
     "ProviderConfig",
+    "RecordingConfig",
     "TargetConfig",
     "TargetProtocol",
     "check_config",

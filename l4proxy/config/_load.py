@@ -62,6 +62,7 @@ from ._model import (
     LimitsConfig,
     ListenerConfig,
     ProviderConfig,
+    RecordingConfig,
     TargetConfig,
     TargetProtocol,
 )
@@ -572,9 +573,9 @@ def _check_url(t: _Table, key: str, url: str, *, allow_query: bool) -> bool:
 
 # --- the sections ---------------------------------------------------------------------------
 
-_TOP = ("gateway", "control", "identity", "ca", "limits", "targets", "listeners")
+_TOP = ("gateway", "control", "identity", "ca", "limits", "targets", "listeners", "recording")
 #: sections later issues add; until then they are unknown keys with a hint
-_FUTURE = ("recording", "policy", "masking", "approvals")
+_FUTURE = ("policy", "masking", "approvals")
 _GATEWAY = ("id", "state_dir", "audit_log", "audit_max_bytes", "audit_backups")
 _CONTROL = ("listen", "ops_listen", "admin_groups", "rate_per_identity", "rate_per_address", "max_body")
 _CA = ("dir", "trust_domain", "breakglass_max_ttl")
@@ -617,11 +618,13 @@ def _build(data: Mapping[str, object], source: Path, col: _Collector) -> Config 
         col.problem("ca", "missing required table: identity providers are configured, and without a CA "
                           "nothing could mint their certificates")
     limits = _limits(root)
+    recording = _recording(root)
     targets = _targets(root)
     listeners = _listeners(root, targets, control)
     if col.problems or gateway is None:
         return None
     return Config(gateway=gateway, control=control, providers=providers, ca=ca, limits=limits,
+                  recording=recording,
                   targets=tuple(t.config for t in targets.found if t.config is not None),
                   listeners=listeners, source=source)
 
@@ -910,6 +913,34 @@ def _ordered(t: _Table, low_key: str, low: _N | None, low_default: _N, high_key:
 
 
 # --- the data path: limits, targets, listeners ----------------------------------------------
+
+
+_RECORDING = ("dir", "flush_interval", "fsync_interval", "zstd_level", "min_free_bytes",
+              "max_pending_bytes")
+
+
+def _recording(root: _Table) -> RecordingConfig | None:
+    t = root.table("recording", _RECORDING)
+    if t is None:
+        return None
+    directory = t.path_value("dir", required=True)
+    flush = t.duration("flush_interval", maximum=1.0, maximum_text="1s (at most 1 s may be lost)")
+    fsync = t.duration("fsync_interval", maximum=10.0, maximum_text="10s")
+    level = t.integer("zstd_level", minimum=-7)
+    if level is not None and level > 19:
+        t.problem("zstd_level", "must be from -7 (fastest) to 19")
+        level = None
+    min_free = t.size("min_free_bytes", minimum=0, maximum=1 << 50, range_text="0..1PiB")
+    pending = t.size("max_pending_bytes", minimum=64 << 10, maximum=1 << 30,
+                     range_text="64KiB..1GiB")
+    if directory is None:
+        return None
+    d = RecordingConfig(dir=directory)
+    return RecordingConfig(dir=directory, flush_interval=_or(flush, d.flush_interval),
+                           fsync_interval=_or(fsync, d.fsync_interval),
+                           zstd_level=_or(level, d.zstd_level),
+                           min_free_bytes=_or(min_free, d.min_free_bytes),
+                           max_pending_bytes=_or(pending, d.max_pending_bytes))
 
 
 def _limits(root: _Table) -> LimitsConfig:

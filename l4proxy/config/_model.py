@@ -32,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "ProviderConfig",
+    "RecordingConfig",
     "TargetConfig",
     "TargetProtocol",
 ]
@@ -237,6 +238,21 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RecordingConfig:
+    """Session recording (``[recording]``): every session through the gateway is recorded
+    under ``dir`` as ``<YYYY-MM-DD>/<session-id>.l4rec.zst``, signed with the CA dir's
+    recording key. Sessions are refused while free space is under ``min_free_bytes``."""
+
+    dir: Path
+    flush_interval: float = 0.1
+    fsync_interval: float = 1.0
+    zstd_level: int = 1
+    min_free_bytes: int = 256 << 20
+    #: recorded bytes a session may have waiting for the writer before it waits too
+    max_pending_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     gateway: GatewayConfig
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -245,6 +261,8 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     targets: tuple[TargetConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: session recording; None: sessions are not recorded
+    recording: RecordingConfig | None = None
     #: where the configuration was read from (None when built in code)
     source: Path | None = None
 
