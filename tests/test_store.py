@@ -531,13 +531,13 @@ def test_a_version_1_store_is_migrated_and_keeps_its_data(tmp_path: Path) -> Non
     finally:
         db.close()
     with SqliteStateStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         # the replay record survived the migration
         assert store.claim_token(KEY, binding=ALICE_KEY, expires_at=EXP, now=T0 + 1) == REUSED
         assert store.locks_version() == 0 and store.list_locks(now=T0) == []
         lock = store.add_lock(_spec(), now=T0)
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
         assert db.execute("SELECT id, kind, value FROM locks").fetchall() == \
             [(lock.id, "identity", "corp/mallory")]
     db.close()
@@ -716,3 +716,36 @@ async def test_async_calls_run_off_the_event_loop_and_claims_stay_single(tmp_pat
                 nursery.start_soon(claim, astore)
     assert sorted(r.kind for r in results) == [ClaimKind.FIRST] + [ClaimKind.REUSED] * 15
     assert sync_store.threads and threading.get_ident() not in sync_store.threads
+
+
+# --- the session index ---------------------------------------------------------------------
+
+
+def test_session_index_open_close_and_reopen(tmp_path: Path) -> None:
+    from l4proxy.store import SessionRecord
+
+    path = tmp_path / "state.sqlite3"
+    with SqliteStateStore(path) as store:
+        assert store.schema_version >= 3
+        store.index_session_start(SessionRecord(
+            session_id="s1", identity="dev/alice", email="a@example.com", groups=("eng",),
+            target="chunks", client_address="127.0.0.1", started_at=100.0, file="r/s1.l4rec.zst"))
+        store.index_session_start(SessionRecord(
+            session_id="s2", identity="dev/bob", target="chunks", client_address="127.0.0.1",
+            started_at=101.0))
+        assert [r.session_id for r in store.open_sessions()] == ["s1", "s2"]
+        store.index_session_end("s1", ended_at=110.0, end_reason="client closed",
+                                bytes_to_gateway=10, bytes_to_client=20, requests=3, denials=1,
+                                trailer_head=b"h" * 32, trailer_sig=b"s" * 64)
+        with pytest.raises(StoreError):
+            store.index_session_end("nope", ended_at=1.0, end_reason="x", bytes_to_gateway=0,
+                                    bytes_to_client=0)
+        with pytest.raises(StoreError):  # a session id is indexed once
+            store.index_session_start(SessionRecord(session_id="s2", identity="x", target="t",
+                                                    client_address="-", started_at=1.0))
+    with SqliteStateStore(path) as store:  # persists across a restart
+        assert [r.session_id for r in store.open_sessions()] == ["s2"]
+        s1 = store.get_session("s1")
+        assert s1 is not None and s1.groups == ("eng",) and s1.trailer_head == b"h" * 32
+        assert (s1.ended_at, s1.requests, s1.denials, s1.bytes_to_client) == (110.0, 3, 1, 20)
+        assert store.get_session("missing") is None

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from ._base import Lock, LockSet, LockSpec, RateDecision, StateStore, TokenClaim
+from ._base import Lock, LockSet, LockSpec, RateDecision, SessionRecord, StateStore, TokenClaim
 
 __all__ = ["AsyncStateStore"]
 
@@ -66,6 +66,22 @@ class AsyncStateStore:
         """See :meth:`StateStore.rate_limit`."""
         return await self._run(functools.partial(
             self._store.rate_limit, key, limit=limit, per_seconds=per_seconds, now=now))
+
+    async def index_session_start(self, record: SessionRecord) -> None:
+        """See :meth:`StateStore.index_session_start`."""
+        await self._run(functools.partial(self._store.index_session_start, record))
+
+    async def index_session_end(self, session_id: str, **totals: Any) -> None:
+        """See :meth:`StateStore.index_session_end`."""
+        await self._run(functools.partial(self._store.index_session_end, session_id, **totals))
+
+    async def open_sessions(self) -> list[SessionRecord]:
+        """See :meth:`StateStore.open_sessions`."""
+        return await self._run(self._store.open_sessions)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        """See :meth:`StateStore.get_session`."""
+        return await self._run(functools.partial(self._store.get_session, session_id))
 
     async def add_lock(self, lock: LockSpec, *, now: float) -> Lock:
         """See :meth:`StateStore.add_lock`."""

@@ -51,6 +51,7 @@ __all__ = [
     "LockSpec",
     "RateDecision",
     "SchemaTooNew",
+    "SessionRecord",
     "StateStore",
     "StoreCorrupt",
     "StoreError",
@@ -350,6 +351,33 @@ class LockSet:
 # --- the interface -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionRecord:
+    """One session in the session index (what auditors filter on; no secrets)."""
+
+    session_id: str
+    identity: str
+    email: str | None = None
+    groups: tuple[str, ...] = ()
+    target: str
+    client_address: str
+    started_at: float
+    #: the recording file (None when the session is not recorded)
+    file: str | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+    bytes_to_gateway: int = 0
+    bytes_to_client: int = 0
+    requests: int = 0
+    denials: int = 0
+    approvals: int = 0
+    masked: int = 0
+    #: the recording trailer's chain head and signature: truncating a closed recording
+    #: later is detectable against these
+    trailer_head: bytes | None = None
+    trailer_sig: bytes | None = None
+
+
 class StateStore(abc.ABC):
     """Shared gateway state. Every method is atomic, thread-safe and may block.
 
@@ -426,6 +454,30 @@ class StateStore(abc.ABC):
             ValueError: an empty key, ``limit < 1``, ``per_seconds <= 0``, a non-finite time.
             StoreError: the store failed or is closed.
         """
+
+    @abc.abstractmethod
+    def index_session_start(self, record: SessionRecord) -> None:
+        """Add a session to the index (``ended_at`` None: open).
+
+        Raises:
+            StoreError: the store failed or the session id exists.
+        """
+
+    @abc.abstractmethod
+    def index_session_end(self, session_id: str, *, ended_at: float, end_reason: str,
+                          bytes_to_gateway: int, bytes_to_client: int, requests: int = 0,
+                          denials: int = 0, approvals: int = 0, masked: int = 0,
+                          trailer_head: bytes | None = None,
+                          trailer_sig: bytes | None = None) -> None:
+        """Close a session's index row with its totals and recording trailer."""
+
+    @abc.abstractmethod
+    def open_sessions(self) -> list[SessionRecord]:
+        """Sessions the index still shows open (after a crash: to seal)."""
+
+    @abc.abstractmethod
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        """One session of the index."""
 
     @abc.abstractmethod
     def add_lock(self, lock: LockSpec, *, now: float) -> Lock:
