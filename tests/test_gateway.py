@@ -454,3 +454,20 @@ async def test_openssl_s_client_works_through_a_tcp_target(env: Env) -> None:
     with trio.fail_after(20):
         line = await trio.to_thread.run_sync(talk)
     assert line == "ping over openssl\n"
+
+
+async def test_sessions_are_indexed_with_their_totals(env: Env) -> None:
+    async with env.connect("ivan") as c:
+        await c.ping()
+        await c.create_bucket("idx")
+        session = c.session_id
+        record = await env.store.get_session(session)
+        assert record is not None and record.ended_at is None  # open while it runs
+        assert (record.identity, record.target) == ("dev/ivan", "chunks")
+    with trio.fail_after(5):
+        while (await env.store.get_session(session)).ended_at is None:  # type: ignore[union-attr]
+            await trio.sleep(0.02)
+    record = await env.store.get_session(session)
+    assert record is not None and record.requests == 2 and record.denials == 0
+    assert record.bytes_to_gateway > 0 and record.bytes_to_client > 0
+    assert record.end_reason in ("client closed", "client connection lost")

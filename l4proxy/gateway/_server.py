@@ -38,7 +38,7 @@ from l4proxy.audit import AuditLog
 from l4proxy.config import Config, ListenerConfig, TargetConfig, TargetProtocol
 from l4proxy.identity import Identity, trust_bundle
 from l4proxy.ids import uuid7
-from l4proxy.store import AsyncStateStore
+from l4proxy.store import AsyncStateStore, SessionRecord
 from l4proxy.wire import ErrorCode, connection_error_frame
 
 from ._certcheck import ClientRejected, check_client
@@ -442,13 +442,29 @@ class Gateway:
         self.metrics.sessions.labels(target.name).inc()
         self.metrics.sessions_total.labels(target.name, str(target.protocol)).inc()
         started = time.monotonic()
+        try:
+            await self.store.index_session_start(SessionRecord(
+                session_id=info.session_id, identity=info.identity.name, email=info.identity.email,
+                groups=info.identity.groups, target=target.name, client_address=info.client_address,
+                started_at=time.time()))
+        except Exception:  # fail closed: a session that cannot be indexed does not run
+            log.exception("session %s: cannot index the session; refusing it", info.session_id)
+            self.metrics.sessions.labels(target.name).dec()
+            del self.sessions[info.session_id]
+            if not self.sessions:
+                self._no_sessions.set()
+            await self._refuse(tls, target, info.client_address, "index", "session index failed",
+                               ErrorCode.RECORDING_FAILED, identity=info.identity)
+            return
         self.audit.write("session_start", {**info.log_fields(), "protocol": str(target.protocol),
                                            "listener": info.listener})
         log.info("session %s started: %s -> %s", info.session_id, info.identity.name, target.name)
+        stats = _SessionStats()
         observers: list[SessionObserver] = [
             _AuditObserver(self.audit, info),
             _ByteCounter(self.metrics.bytes.labels(target.name, "from_client"),
                          self.metrics.bytes.labels(target.name, "to_client")),
+            stats,
         ]
         if self.observer_factory is not None:
             observers.append(self.observer_factory(info))
@@ -471,7 +487,19 @@ class Gateway:
             self.metrics.sessions.labels(target.name).dec()
             self.audit.write("session_end", {"session": info.session_id,
                                              "identity": info.identity.name, "reason": reason,
-                                             "duration_s": round(time.monotonic() - started, 3)})
+                                             "duration_s": round(time.monotonic() - started, 3),
+                                             "bytes_to_gateway": stats.to_gateway,
+                                             "bytes_to_client": stats.to_client,
+                                             "requests": stats.requests, "denials": stats.denials})
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.store.index_session_end(
+                        info.session_id, ended_at=time.time(), end_reason=reason,
+                        bytes_to_gateway=stats.to_gateway, bytes_to_client=stats.to_client,
+                        requests=stats.requests, denials=stats.denials)
+                except Exception:
+                    log.exception("session %s: cannot close the session in the index",
+                                  info.session_id)
             if not self.sessions:
                 self._no_sessions.set()
 
@@ -537,6 +565,31 @@ def _lock_reason(locks: Any, identity: Identity, serial: int) -> str | None:
         return None
     lock = locks.match(identity.name, identity.groups, serial, now=time.time())
     return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
+
+
+class _SessionStats:
+    """Per-session totals for the session index."""
+
+    def __init__(self) -> None:
+        self.to_gateway = 0
+        self.to_client = 0
+        self.requests = 0
+        self.denials = 0
+
+    async def client_bytes(self, data: bytes) -> None:
+        self.to_gateway += len(data)
+
+    async def server_bytes(self, data: bytes) -> None:
+        self.to_client += len(data)
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        if kind == "request":
+            self.requests += 1
+        elif kind == "decision" and not fields.get("allow", True):
+            self.denials += 1
+
+    async def closed(self, reason: str) -> None:
+        return None
 
 
 class _ByteCounter:
