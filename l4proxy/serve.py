@@ -100,6 +100,9 @@ class Server:
                     self.control.api.readiness.gateway_bound = False
                     self.gateway = Gateway(config, store=store, audit=audit,
                                            registry=self.control.api.registry)
+                    if self.gateway.recorder is not None:
+                        self.control.api.readiness.checks["recording_space"] = \
+                            self.gateway.recorder.free_space_ok
                     addresses = await nursery.start(self.gateway.serve)
                     self.control.api.readiness.gateway_bound = True
                 task_status.started(ServeAddresses(control=self.control, gateway=addresses))

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +65,8 @@ class Readiness:
     listeners_bound: bool = False
     #: None when this process runs no gateway; else whether its listeners are bound
     gateway_bound: bool | None = None
+    #: further named checks (e.g. free space for recordings): False means failing
+    checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -139,6 +141,13 @@ class ControlApi:
             failing.append("listeners")
         if self.readiness.gateway_bound is False:
             failing.append("gateway_listeners")
+        for name, check in self.readiness.checks.items():
+            try:
+                ok = check()
+            except Exception:
+                ok = False
+            if not ok:
+                failing.append(name)
         try:
             await self.store.check_writable()
         except Exception:

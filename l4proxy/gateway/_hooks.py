@@ -25,6 +25,7 @@ __all__ = [
     "Decision",
     "NoObserver",
     "NoTransform",
+    "ObserverFailed",
     "Policy",
     "ResponseTransform",
     "SessionInfo",
@@ -63,6 +64,18 @@ class Decision:
 
 
 ALLOW = Decision(allow=True, rule="default")
+
+
+class ObserverFailed(Exception):
+    """An observer cannot do its job (the recorder cannot write): the session must end.
+
+    ``code`` goes to the client in the final ERROR with ``public_message``.
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode, public_message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.public_message = public_message
 
 
 class Policy(Protocol):

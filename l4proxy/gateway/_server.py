@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import logging
 import ssl
 import time
@@ -36,13 +37,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from l4proxy.audit import AuditLog
 from l4proxy.config import Config, ListenerConfig, TargetConfig, TargetProtocol
-from l4proxy.identity import Identity, trust_bundle
+from l4proxy.identity import CertificateAuthority, Identity, load_recording_keyring, trust_bundle
 from l4proxy.ids import uuid7
 from l4proxy.store import AsyncStateStore, SessionRecord
 from l4proxy.wire import ErrorCode, connection_error_frame
+from replay import seal_after_crash
 
 from ._certcheck import ClientRejected, check_client
 from ._hooks import SessionInfo, SessionObserver
+from ._recorder import Recorder
 from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
 from ._tls import TlsHandshakeError, TlsStream, server_context
 from ._upstream import open_upstream, read_credential, upstream_ssl_context
@@ -224,6 +227,16 @@ class Gateway:
                  registry: CollectorRegistry | None = None,
                  observer_factory: Callable[[SessionInfo], SessionObserver] | None = None) -> None:
         self.state = GatewayState.build(config, now=datetime.now(UTC))
+        self.recorder: Recorder | None = None
+        if config.recording is not None:
+            assert config.ca is not None  # GatewayState.build checked it
+            try:
+                ca = CertificateAuthority.load(config.ca.dir)
+            except Exception as exc:
+                raise GatewayConfigError(f"cannot load the recording key from {config.ca.dir}: "
+                                         f"{exc}") from None
+            self.recorder = Recorder(config.recording, signing_key=ca.recording_key,
+                                     gateway_id=config.gateway.id)
         self.store = store
         self.audit = audit
         self.metrics = _Metrics.create(registry or CollectorRegistry())
@@ -287,6 +300,7 @@ class Gateway:
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]]
                     = trio.TASK_STATUS_IGNORED) -> None:
+        await self.seal_crashed_sessions()
         async with trio.open_nursery() as nursery:
             await self._refresh_locks(force=True)
             # locks keep being enforced while draining: the watcher is outside `_accepting`
@@ -399,6 +413,11 @@ class Gateway:
             await self._refuse(tls, target, peer, "draining", "the gateway is draining",
                                ErrorCode.SHUTTING_DOWN, identity=identity)
             return
+        if self.recorder is not None and not self.recorder.free_space_ok():
+            await self._refuse(tls, target, peer, "recording_space",
+                               "the recording directory is low on free space",
+                               ErrorCode.RECORDING_FAILED, identity=identity)
+            return
         if len(self.sessions) >= limits.max_sessions:
             await self._refuse(tls, target, peer, "capacity", "max_sessions reached",
                                ErrorCode.OVER_CAPACITY, identity=identity)
@@ -442,11 +461,12 @@ class Gateway:
         self.metrics.sessions.labels(target.name).inc()
         self.metrics.sessions_total.labels(target.name, str(target.protocol)).inc()
         started = time.monotonic()
+        recording = self.recorder.session(info, control) if self.recorder is not None else None
         try:
             await self.store.index_session_start(SessionRecord(
                 session_id=info.session_id, identity=info.identity.name, email=info.identity.email,
                 groups=info.identity.groups, target=target.name, client_address=info.client_address,
-                started_at=time.time()))
+                started_at=time.time(), file=str(recording.path) if recording else None))
         except Exception:  # fail closed: a session that cannot be indexed does not run
             log.exception("session %s: cannot index the session; refusing it", info.session_id)
             self.metrics.sessions.labels(target.name).dec()
@@ -466,22 +486,35 @@ class Gateway:
                          self.metrics.bytes.labels(target.name, "to_client")),
             stats,
         ]
+        if recording is not None:
+            observers.append(recording)
         if self.observer_factory is not None:
             observers.append(self.observer_factory(info))
         hooks = SessionHooks.default()
         hooks.observer = _Observers(observers)
         ctx = state.upstream_contexts.get(target.name)
         reason = "error"
+        trailer = None
         try:
-            if target.protocol is TargetProtocol.CWP:
-                reason = await run_cwp_session(
-                    info, tls, target=target, limits=state.config.limits,
-                    open_upstream=lambda: open_upstream(target, ctx),
-                    read_credential=lambda: read_credential(target), hooks=hooks, control=control)
-            else:
-                reason = await run_tcp_session(
-                    info, tls, limits=state.config.limits,
-                    open_upstream=lambda: open_upstream(target, ctx), hooks=hooks, control=control)
+            async with trio.open_nursery() as inner:
+                if recording is not None:
+                    inner.start_soon(recording.run)
+                if target.protocol is TargetProtocol.CWP:
+                    reason = await run_cwp_session(
+                        info, tls, target=target, limits=state.config.limits,
+                        open_upstream=lambda: open_upstream(target, ctx),
+                        read_credential=lambda: read_credential(target), hooks=hooks,
+                        control=control)
+                else:
+                    reason = await run_tcp_session(
+                        info, tls, limits=state.config.limits,
+                        open_upstream=lambda: open_upstream(target, ctx), hooks=hooks,
+                        control=control)
+                inner.cancel_scope.cancel()
+            if recording is not None:
+                trailer = await recording.finish(reason)
+                if trailer is None:
+                    reason = f"{reason}; recording failed"
         finally:
             del self.sessions[info.session_id]
             self.metrics.sessions.labels(target.name).dec()
@@ -490,18 +523,58 @@ class Gateway:
                                              "duration_s": round(time.monotonic() - started, 3),
                                              "bytes_to_gateway": stats.to_gateway,
                                              "bytes_to_client": stats.to_client,
-                                             "requests": stats.requests, "denials": stats.denials})
+                                             "requests": stats.requests, "denials": stats.denials,
+                                             "recording": str(recording.path) if recording else None,
+                                             "trailer_head": trailer.head.hex() if trailer else None,
+                                             "trailer_sig": trailer.sig.hex() if trailer else None})
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.index_session_end(
                         info.session_id, ended_at=time.time(), end_reason=reason,
                         bytes_to_gateway=stats.to_gateway, bytes_to_client=stats.to_client,
-                        requests=stats.requests, denials=stats.denials)
+                        requests=stats.requests, denials=stats.denials,
+                        trailer_head=trailer.head if trailer else None,
+                        trailer_sig=trailer.sig if trailer else None)
                 except Exception:
                     log.exception("session %s: cannot close the session in the index",
                                   info.session_id)
             if not self.sessions:
                 self._no_sessions.set()
+
+    # --- recordings after a crash ----------------------------------------------------------
+
+    async def seal_crashed_sessions(self) -> None:
+        """Close what a previous run left open: seal each recording up to its last
+        checkpoint (``sealed_after_crash``) and close its index row; audited."""
+        for record in await self.store.open_sessions():
+            trailer = None
+            outcome = "gateway stopped without closing the session"
+            recorder = self.recorder
+            file = record.file
+            if file and recorder is not None and await trio.Path(file).exists():
+                config = self.state.config
+                assert config.ca is not None
+                try:
+                    keyring = load_recording_keyring(config.ca.dir)
+                    result = await trio.to_thread.run_sync(functools.partial(
+                        seal_after_crash, file, recorder.signing_key, now=time.time(),
+                        trusted=keyring))
+                    trailer = result.trailer
+                    outcome = "sealed_after_crash" if result.sealed else trailer.reason
+                except Exception as exc:
+                    outcome = f"recording could not be sealed: {exc}"
+                    log.error("session %s: %s", record.session_id, outcome)
+            await self.store.index_session_end(
+                record.session_id, ended_at=time.time(), end_reason=outcome,
+                bytes_to_gateway=trailer.bytes_to_gateway if trailer else record.bytes_to_gateway,
+                bytes_to_client=trailer.bytes_to_client if trailer else record.bytes_to_client,
+                trailer_head=trailer.head if trailer else None,
+                trailer_sig=trailer.sig if trailer else None)
+            self.audit.write("session_sealed_after_crash", {
+                "session": record.session_id, "identity": record.identity, "outcome": outcome,
+                "recording": record.file, "trailer_head": trailer.head.hex() if trailer else None})
+            log.warning("session %s (%s) left open by a previous run: %s", record.session_id,
+                        record.identity, outcome)
 
     # --- locks ------------------------------------------------------------------------------
 

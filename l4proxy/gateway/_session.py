@@ -69,7 +69,16 @@ from l4proxy.wire import (
     resources,
 )
 
-from ._hooks import AllowAll, NoObserver, NoTransform, Policy, ResponseTransform, SessionInfo, SessionObserver
+from ._hooks import (
+    AllowAll,
+    NoObserver,
+    NoTransform,
+    ObserverFailed,
+    Policy,
+    ResponseTransform,
+    SessionInfo,
+    SessionObserver,
+)
 
 __all__ = [
     "SessionControl",
@@ -89,6 +98,8 @@ _WATCHDOG_INTERVAL = 1.0
 #: the longest a GOAWAY or the final ERROR may wait to be sent (a client that does not
 #: read gets no more time than this)
 _GOODBYE_TIMEOUT = 2.0
+#: how long to keep reading (and discarding) after a final ERROR before closing
+_LINGER = 1.0
 
 OpenUpstream = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -174,6 +185,8 @@ class _CwpSession:
         self.activity = _Activity()
         self.goaway_code: ErrorCode | None = None
         self.goaway_last = 0
+        #: an ERROR(0) reached a client that was uploading: linger before closing (linger())
+        self.said_goodbye = False
         #: client bytes held back from the observer until HELLO is parsed
         self._held: bytearray | None = bytearray()
         #: set by the timers or the gateway to end the session after the pumps stopped
@@ -207,6 +220,7 @@ class _CwpSession:
         """
         with trio.move_on_after(_GOODBYE_TIMEOUT):
             async with self.client_lock:
+                uploading = self.down.uploading is not None
                 try:
                     data = self.down.send(Error(request_id=0, code=code, message=message))
                 except LocalProtocolError:
@@ -214,6 +228,8 @@ class _CwpSession:
                 await self.hooks.observer.server_bytes(data)
                 try:
                     await self.client.send_all(data)
+                    # a client busy uploading would see a reset instead of our ERROR
+                    self.said_goodbye = uploading
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
 
@@ -247,6 +263,16 @@ class _CwpSession:
             data = data.replace(raw, b"*" * len(raw))
         await self.hooks.observer.client_bytes(data)
 
+    async def linger(self) -> None:
+        """After a final ERROR: read and discard what the client still sends, for a moment,
+        so a client busy uploading reads our ERROR instead of a reset."""
+        with trio.move_on_after(_LINGER):
+            try:
+                while await self.client.receive_some(self.limits.read_size):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
     async def upstream_event(self) -> Event:
         assert self.up is not None and self.upstream is not None
         while True:
@@ -271,6 +297,11 @@ class _CwpSession:
             await self.release_held(None)
             raise SessionEnded("client closed before HELLO")
         assert isinstance(hello, Hello)
+        if hello.api_key is not None:
+            # announced before the bytes, so a recorder can list it in its header
+            refuse = self.target.client_credentials is ClientCredentials.REFUSE
+            await self.hooks.observer.event("redaction", {
+                "what": "client api_key", "action": "refused" if refuse else "stripped"})
         await self.release_held(hello.api_key.reveal() if hello.api_key is not None else None)
         if hello.api_key is not None:
             if self.target.client_credentials is ClientCredentials.REFUSE:
@@ -278,8 +309,6 @@ class _CwpSession:
                                       "this gateway injects the service credential; "
                                       "remove the API key from your client")
                 raise SessionEnded("client sent a credential (refused)")
-            await self.hooks.observer.event("redaction", {"what": "client api_key",
-                                                          "action": "stripped"})
             log.info("%s: client credential stripped", self.tag)
         welcome_up = await self.connect_upstream(hello.limits)
         offered = Limits(max_frame_payload=welcome_up.limits.max_frame_payload,
@@ -298,6 +327,9 @@ class _CwpSession:
                     done.append(await fn())
                 except SessionEnded as exc:
                     done.append(exc.reason)
+                except ObserverFailed as exc:  # e.g. the recording cannot be written
+                    self.final = (exc.code, exc.public_message)
+                    done.append(f"observer failed: {exc}")
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # upstream writes fail in forward(), client reads in client_pump:
                     # what reaches here is a failed write to the client
@@ -561,6 +593,8 @@ async def run_cwp_session(info: SessionInfo, client: trio.abc.Stream, *, target:
     finally:
         with trio.CancelScope(shield=True):
             await session.release_held(None)  # e.g. garbage instead of a HELLO
+            if session.said_goodbye:
+                await session.linger()
             if session.upstream is not None:
                 await trio.aclose_forcefully(session.upstream)
             await trio.aclose_forcefully(client)

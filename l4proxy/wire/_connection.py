@@ -264,6 +264,11 @@ class Connection:
         return self._goaway_last
 
     @property
+    def uploading(self) -> int | None:
+        """The request whose body is being uploaded (CONTINUE given, no END_STREAM yet)."""
+        return self._uploading
+
+    @property
     def last_request_id(self) -> int:
         """The highest request id seen so far (sent or received); 0 before any."""
         return self._last_request_id

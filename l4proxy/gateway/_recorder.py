@@ -1,0 +1,235 @@
+"""Recording sessions: the gateway side of ``replay``'s format.
+
+Theory of operation: :class:`Recorder` is shared by all sessions; each session gets a
+:class:`SessionRecorder`, an observer that appends what it sees to a pure
+``replay.RecordingWriter`` (no I/O). A flusher task per session turns the pending records
+into one zstd frame and appends it to the session's file at least every
+``flush_interval``, and fsyncs at least every ``fsync_interval`` and at close. Compression
+and signing run in worker threads with one compressor per thread (shared by every
+session), never on the event loop and never a compressor per session; the file is opened
+for each flush and closed again, so an idle session holds neither a compressor nor an
+open file. When a session has ``max_pending_bytes`` waiting it flushes before taking more,
+so a slow disk slows the session down and no record is dropped. Any write failure ends
+the session with RECORDING_FAILED (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from l4proxy.config import RecordingConfig
+from l4proxy.wire import ErrorCode
+from replay import RecordingWriter, Trailer, new_compressor
+
+from ._hooks import ObserverFailed, SessionInfo
+from ._session import SessionControl
+
+__all__ = ["Recorder", "RecordingFailed", "SessionRecorder"]
+
+log = logging.getLogger("l4proxy.gateway.recorder")
+
+#: worker threads that compress and write recordings (each holds one compressor)
+WRITER_THREADS = 2
+
+
+class RecordingFailed(ObserverFailed):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=ErrorCode.RECORDING_FAILED,
+                         public_message="the session cannot be recorded, so it may not continue")
+
+
+class Recorder:
+    """What all sessions share: configuration, key, worker threads and their compressors."""
+
+    def __init__(self, config: RecordingConfig, *, signing_key: Ed25519PrivateKey,
+                 gateway_id: str) -> None:
+        self.config = config
+        self.signing_key = signing_key
+        self.gateway_id = gateway_id
+        self.limiter = trio.CapacityLimiter(WRITER_THREADS)
+        self._local = threading.local()
+        config.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def compressor(self) -> zstandard.ZstdCompressor:
+        """The calling worker thread's compressor (created once per thread)."""
+        comp: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
+        if comp is None:
+            comp = new_compressor(level=self.config.zstd_level)
+            self._local.compressor = comp
+        return comp
+
+    def free_space_ok(self) -> bool:
+        """False while the recording directory has less than ``min_free_bytes`` free."""
+        try:
+            return shutil.disk_usage(self.config.dir).free >= self.config.min_free_bytes
+        except OSError:
+            return False
+
+    def path_for(self, session_id: str, started: datetime) -> Path:
+        return self.config.dir / started.strftime("%Y-%m-%d") / f"{session_id}.l4rec.zst"
+
+    def session(self, info: SessionInfo, control: SessionControl) -> SessionRecorder:
+        return SessionRecorder(self, info, control)
+
+
+class SessionRecorder:
+    """One session's recording; a ``SessionObserver``. Call :meth:`run` in a task beside
+    the session (it flushes) and :meth:`finish` after the session has ended."""
+
+    def __init__(self, recorder: Recorder, info: SessionInfo, control: SessionControl) -> None:
+        self.recorder = recorder
+        self.info = info
+        self.control = control
+        self.path = recorder.path_for(info.session_id, datetime.now(UTC))
+        self.writer: RecordingWriter | None = None
+        self.redactions: list[Mapping[str, Any]] = []
+        self.early_events: list[tuple[str, Mapping[str, Any]]] = []
+        self.trailer: Trailer | None = None
+        self.failed: str | None = None
+        self._write_lock = trio.Lock()
+        self._last_fsync = time.monotonic()
+        self._created = False
+        self._reported = False
+
+    # --- the observer ---------------------------------------------------------------------
+
+    def _writer(self) -> RecordingWriter:
+        if self.writer is None:
+            identity = self.info.identity
+            self.writer = RecordingWriter(
+                session_id=self.info.session_id,
+                header={"identity": {"provider": identity.provider, "subject": identity.subject,
+                                     "email": identity.email, "groups": list(identity.groups)},
+                        "target": self.info.target, "client_address": self.info.client_address,
+                        "gateway_id": self.recorder.gateway_id,
+                        "redactions": [dict(r) for r in self.redactions]},
+                signing_key=self.recorder.signing_key, clock=time.time)
+            for kind, fields in self.early_events:
+                self.writer.add_event(kind, fields)
+            self.early_events.clear()
+        return self.writer
+
+    async def _backpressure(self) -> None:
+        if self.failed is not None:
+            if self._reported:
+                return  # the session is already ending because of it
+            self._reported = True
+            raise RecordingFailed(self.failed)
+        writer = self.writer
+        if writer is not None and writer.pending_bytes >= self.recorder.config.max_pending_bytes:
+            await self.flush()
+
+    async def client_bytes(self, data: bytes) -> None:
+        self._writer().add_to_gateway(data)
+        await self._backpressure()
+
+    async def server_bytes(self, data: bytes) -> None:
+        self._writer().add_to_client(data)
+        await self._backpressure()
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        if kind == "redaction" and self.writer is None:
+            self.redactions.append(dict(fields))  # listed in the header
+        if self.writer is None:
+            self.early_events.append((kind, dict(fields)))
+            return
+        self.writer.add_event(kind, fields)
+        await self._backpressure()
+
+    async def closed(self, reason: str) -> None:
+        return None  # finish() seals the file once the session task is done
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _append(self, data: bytes, *, sync: bool) -> None:
+        """Append one frame (blocking; in a worker thread)."""
+        if not self._created:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        else:
+            flags = os.O_WRONLY | os.O_APPEND
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            good = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if sync:
+                    os.fsync(fd)
+            except OSError:
+                # no torn frame stays behind: the file ends at its last whole unit
+                try:
+                    os.ftruncate(fd, good)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
+        self._created = True
+
+    async def flush(self, *, final_reason: str | None = None) -> None:
+        """Write what is pending as one frame (with the trailer when ``final_reason``)."""
+        async with self._write_lock:
+            if self.failed is not None:
+                if self._reported and final_reason is None:
+                    return
+                raise RecordingFailed(self.failed)
+            writer = self._writer()
+            if final_reason is None and not writer.pending_records:
+                return
+            sync = final_reason is not None or (
+                time.monotonic() - self._last_fsync >= self.recorder.config.fsync_interval)
+
+            def work() -> bytes:
+                comp = self.recorder.compressor()
+                frame = (writer.close(final_reason, comp) if final_reason is not None
+                         else writer.flush(comp))
+                if frame:
+                    self._append(frame, sync=sync)
+                return frame
+
+            try:
+                await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
+            except OSError as exc:
+                self.failed = f"cannot write {self.path}: {exc.strerror or exc}"
+                log.error("session %s (%s): recording failed: %s", self.info.session_id,
+                          self.info.identity.name, self.failed)
+                self._reported = True
+                raise RecordingFailed(self.failed) from None
+            if sync:
+                self._last_fsync = time.monotonic()
+            if final_reason is not None:
+                self.trailer = writer.trailer
+
+    async def run(self) -> None:
+        """Flush every ``flush_interval`` until cancelled; end the session on failure."""
+        try:
+            await self.flush()  # the header is on disk before anything else happens
+            while True:
+                await trio.sleep(self.recorder.config.flush_interval)
+                await self.flush()
+        except RecordingFailed as exc:
+            self.control.end(ErrorCode.RECORDING_FAILED, str(exc))
+
+    async def finish(self, reason: str) -> Trailer | None:
+        """Write the last records and the signed trailer (fsync). None if that failed."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self.flush(final_reason=reason)
+            except RecordingFailed:
+                return None
+        return self.trailer
