@@ -187,3 +187,63 @@ async def test_reload_and_drain(served: Any) -> None:
     assert all(json.loads(line) for line in logs.splitlines() if line.strip())  # JSON logs
     audit = (tmp / "state" / "audit.jsonl").read_text()
     assert '"event": "config_reload"' in audit and "ck_serve_secret_value" not in audit
+
+
+async def test_kill_9_mid_session_then_restart_seals_the_recording(tmp_path: Path) -> None:
+    init_ca(tmp_path / "certs", trust_domain=TRUST, server_names=["127.0.0.1"],
+            now=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+    key = write_private(tmp_path / "chunkd.key", "ck_serve_secret_value\n")
+    chunkd, chunkd_port = spawn_chunkd(tmp_path, ["--data", str(tmp_path / "data"),
+                                                  "--api-key-file", str(key)])
+    ports = {"control": _free_port(), "ops": _free_port(), "gateway": _free_port()}
+    config = tmp_path / "l4proxy.toml"
+    config.write_text(_config(chunkd_port, **ports, groups='"eng"')
+                      + '\n[recording]\ndir = "recordings"\nmin_free_bytes = 0\n')
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "l4proxy.cli", "serve", "--config",
+                                 str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports['ops']}/readyz", timeout=2):
+                    return proc
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("l4proxy serve did not start") from None
+                time.sleep(0.1)
+
+    server = await trio.to_thread.run_sync(start)
+    try:
+        ca = CertificateAuthority.load(tmp_path / "certs")
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+        ctx.load_cert_chain(*_client_files(ca, tmp_path, "kim", ("eng",)))
+        with pytest.raises(ClientError):
+            async with ChunkClient.connect("127.0.0.1", ports["gateway"], ssl_context=ctx,
+                                           server_name="127.0.0.1") as c:
+                await c.create_bucket("data-kill")
+                await c.put("data-kill", "k", b"recorded before the crash")
+                await trio.sleep(1.5)  # past a flush and an fsync
+                session = c.session_id
+                server.kill()  # kill -9 mid-session
+                await trio.to_thread.run_sync(lambda: server.wait(timeout=10))
+                await c.ping()
+        server = await trio.to_thread.run_sync(start)  # the restart seals what was left open
+        from l4proxy.store import SqliteStateStore
+
+        with SqliteStateStore.open(tmp_path / "state") as store:
+            record = store.get_session(session)
+        assert record is not None and record.end_reason == "sealed_after_crash"
+        assert record.file is not None and record.trailer_head is not None
+        verify = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "replay.cli", "verify", "--keyring", str(tmp_path / "certs"),
+             "--index", str(tmp_path / "state" / "state.sqlite3"), "--json", record.file],
+            capture_output=True, text=True, timeout=60, check=False))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "sealed_after_crash" in verify.stdout
+        audit = (tmp_path / "state" / "audit.jsonl").read_text()
+        assert "session_sealed_after_crash" in audit
+    finally:
+        stop_process(server)
+        stop_process(chunkd)

@@ -197,6 +197,10 @@ class _CwpSession:
     # --- writing -----------------------------------------------------------------------
 
     async def to_client(self, event: Event) -> None:
+        if isinstance(event, Notice):
+            await self.hooks.observer.event("notice", {
+                "request_id": event.request_id, "kind": str(event.kind), "message": event.message,
+                "approval_id": event.approval_id})
         async with self.client_lock:
             data = self.down.send(event)
             if data:
