@@ -130,6 +130,10 @@ buckets = ["demo-*"]
 tables = ["events"]
 access = ["read", "write"]
 
+[recording]
+dir = "recordings"
+min_free_bytes = "64MiB"
+
 [[listeners]]
 name = "main"
 listen = "127.0.0.1:{gateway}"
@@ -225,7 +229,8 @@ def run_demo(work: Path, *, port: int = 0, once: bool = False) -> int:
              f"(its key is only in {work / 'gateway.key'})\n"
              f"control API            https://127.0.0.1:{control}   ops http://127.0.0.1:{ops}\n"
              f"gateway                127.0.0.1:{gateway}\n"
-             f"logs                   {work}/*.log, audit {work / 'state' / 'audit.jsonl'}")
+             f"logs                   {work}/*.log, audit {work / 'state' / 'audit.jsonl'}, "
+             f"recordings {work / 'recordings'}")
         profile = work / "alice"
         token_file = work / "alice.token"
         commands = [
@@ -277,6 +282,20 @@ def run_demo(work: Path, *, port: int = 0, once: bool = False) -> int:
                 _say(f"!! unexpected exit status {result.returncode}")
             elif expect_failure:
                 _say(f"({expect_failure})")
+        # every session above was recorded: verify the recordings as an auditor would
+        recordings = sorted(str(p) for p in (work / "recordings").rglob("*.l4rec.zst"))
+        if recordings:
+            shown = f"replay verify --keyring {certs} --index {work / 'state' / 'state.sqlite3'} ..."
+            result = _run([sys.executable, "-m", "replay.cli", "verify", "--keyring", str(certs),
+                           "--index", str(work / "state" / "state.sqlite3"), *recordings],
+                          cwd=work, shown=shown, capture=True)
+            sys.stdout.write(result.stdout + result.stderr)
+            if result.returncode != 0:
+                failed += 1
+                _say(f"!! replay verify exited {result.returncode}")
+        else:
+            failed += 1
+            _say("!! no recordings were written")
         audit = (work / "state" / "audit.jsonl").read_text()
         if key in audit or key in server_log.read_text():
             failed += 1

@@ -25,6 +25,7 @@ def test_demo_end_to_end_through_the_gateway(tmp_path: Path) -> None:
     assert "pong from l4proxy" in result.stdout  # the gateway answered, not chunkd directly
     assert "alice  true" in result.stdout  # the scan's row came back through the gateway
     assert "FORBIDDEN" in out  # the gateway's key is scoped
+    assert ": intact" in result.stdout and "tampered" not in result.stdout  # replay verify
     key_file = work / "gateway.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     secret = key_file.read_text().strip()
@@ -32,6 +33,8 @@ def test_demo_end_to_end_through_the_gateway(tmp_path: Path) -> None:
     for log in work.glob("*.log"):
         assert secret not in log.read_text(), log
     assert secret not in (work / "state" / "audit.jsonl").read_text()
+    for recording in (work / "recordings").rglob("*.l4rec.zst"):
+        assert secret.encode() not in recording.read_bytes()
     # a second run reuses the CA and the data
     again = _demo(work)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

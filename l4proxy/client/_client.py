@@ -279,6 +279,13 @@ class ChunkClient:
                 raise group.exceptions[0] from None
             raise
         finally:
+            # a clean close (TLS close_notify) when the peer lets us, a hard one otherwise
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                try:
+                    await stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
             await trio.aclose_forcefully(stream)
 
     @property
