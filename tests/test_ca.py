@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import json
@@ -311,10 +312,14 @@ def test_load_refuses_keys_of_the_wrong_kind(ca_dir: Path) -> None:
 
 
 def test_load_refuses_a_garbage_private_key_without_echoing_it(ca_dir: Path) -> None:
-    (ca_dir / "ca.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    # a real key's PEM armour around random bytes, made at run time (no key in the repo)
+    armour = _p256().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()).splitlines()
+    garbage = base64.b64encode(os.urandom(24))
+    (ca_dir / "ca.key").write_bytes(b"\n".join([armour[0], garbage, armour[-1], b""]))
     with pytest.raises(CaError) as info:
         CertificateAuthority.load(ca_dir)
-    assert "c2VjcmV0" not in str(info.value)
+    assert garbage.decode() not in str(info.value)
 
 
 # --- minting ---------------------------------------------------------------------------------------
