@@ -19,7 +19,10 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from l4proxy.config import GatewayConfig
 
 __all__ = ["AuditLog", "rfc3339"]
 
@@ -53,6 +56,12 @@ class AuditLog:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._file = self._open(path)
             self._owned = True
+
+    @classmethod
+    def for_gateway(cls, gateway: GatewayConfig) -> AuditLog:
+        """The audit log ``[gateway]`` configures (file or stdout, rotation)."""
+        return cls(gateway.audit_path, gateway_id=gateway.id, max_bytes=gateway.audit_max_bytes,
+                   backups=gateway.audit_backups)
 
     def _open(self, path: Path) -> IO[str]:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .netaddr import parse_host_port
+from .netaddr import host_port_argument
 
 __all__ = ["main"]
 
@@ -27,14 +27,6 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(1)
-
-
-def _listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0 picks a free one)."""
-    try:
-        return parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
 
 
 def _duration(text: str) -> float:
@@ -100,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     idp = sub.add_parser("dev-idp", help="a loopback-only OIDC provider for demos and tests (DEV ONLY)")
     idp_sub = idp.add_subparsers(dest="idp_command", required=True, parser_class=_Parser)
     idp_serve = idp_sub.add_parser("serve", help="serve discovery and JWKS on loopback")
-    idp_serve.add_argument("--listen", type=_listen, default=("127.0.0.1", 0))
+    idp_serve.add_argument("--listen", type=host_port_argument, default=("127.0.0.1", 0))
     idp_serve.add_argument("--dir", type=Path, default=Path("certs/dev-idp"))
     idp_token = idp_sub.add_parser("token", help="print a signed ID token")
     idp_token.add_argument("--dir", type=Path, default=Path("certs/dev-idp"))

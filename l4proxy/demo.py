@@ -19,13 +19,14 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+
+from .netaddr import free_loopback_port
 
 __all__ = ["run_demo"]
 
@@ -37,12 +38,6 @@ TRUST_DOMAIN = "demo.l4proxy"
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _private(path: Path, text: str) -> Path:
@@ -209,8 +204,8 @@ def run_demo(work: Path, *, port: int = 0, once: bool = False) -> int:
             result = _run([*setup, *step], cwd=work, capture=True)
             if result.returncode not in (0, 2):  # 2: already there from an earlier run
                 raise RuntimeError(f"sample data: chunk {' '.join(step)}: {result.stderr.strip()}")
-        control, ops = _free_port(), _free_port()
-        gateway = port or _free_port()
+        control, ops = free_loopback_port(), free_loopback_port()
+        gateway = port or free_loopback_port()
         config = work / "l4proxy.toml"
         config.write_text(_config(work, issuer, chunkd_port, control, ops, gateway))
         check = _run([*L4PROXY, "config", "check", str(config)], cwd=work, capture=True)

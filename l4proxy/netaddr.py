@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
+import socket
 
-__all__ = ["is_loopback_host", "parse_host_port"]
+__all__ = ["free_loopback_port", "host_port_argument", "is_loopback_host", "parse_host_port"]
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\.?", re.IGNORECASE)
@@ -56,3 +58,20 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
         raise ValueError("the port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def host_port_argument(text: str) -> tuple[str, int]:
+    """:func:`parse_host_port` as an argparse ``type=`` (port 0 picks a free one)."""
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
+
+
+def free_loopback_port() -> int:
+    """A port on 127.0.0.1 nothing listens on right now (bind one, close it): for demos
+    and tests that must write a port into a configuration before the server starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port

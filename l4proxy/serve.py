@@ -85,9 +85,7 @@ class Server:
         config = self.config
         sqlite = SqliteStateStore.open(config.gateway.state_dir)
         store = AsyncStateStore(sqlite)
-        audit = AuditLog(config.gateway.audit_path, gateway_id=config.gateway.id,
-                         max_bytes=config.gateway.audit_max_bytes,
-                         backups=config.gateway.audit_backups)
+        audit = AuditLog.for_gateway(config.gateway)
         try:
             async with trio.open_nursery() as nursery:
                 self.control = await nursery.start(functools.partial(

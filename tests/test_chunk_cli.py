@@ -48,6 +48,7 @@ from l4proxy.client.cli import (
     parse_where,
     render_table,
 )
+from l4proxy.netaddr import free_loopback_port
 from l4proxy.wire import (
     NEED_DATA,
     Cancel,
@@ -130,14 +131,6 @@ def run_subprocess(args: Sequence[str], *, secret: str, stdin: bytes | None = No
                           capture_output=True, timeout=SUBPROCESS_TIMEOUT,
                           env={**os.environ, **(env or {})})
     return _check_clean(Run(proc.returncode, proc.stdout, proc.stderr), secret)
-
-
-def free_port() -> int:
-    """A port nothing listens on: bind one, then close it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # --- objects -----------------------------------------------------------------------------------
@@ -319,10 +312,11 @@ def test_stdin_stdout_and_environment_in_a_subprocess(chunkd_process: ChunkdProc
     got = run_subprocess(["get", "b", "big"], secret=key, env=env)
     assert got.code == 0 and got.stdout == body
     # a flag wins over its environment variable
-    refused = run_subprocess(["ping"], secret=key, env={**env, "CHUNK_SERVER": f"127.0.0.1:{free_port()}"})
+    nowhere = f"127.0.0.1:{free_loopback_port()}"
+    refused = run_subprocess(["ping"], secret=key, env={**env, "CHUNK_SERVER": nowhere})
     assert refused.code == ExitCode.CONNECTION_ERROR
     assert run_subprocess(["--server", chunkd_process.address, "ping"], secret=key,
-                          env={**env, "CHUNK_SERVER": f"127.0.0.1:{free_port()}"}).code == 0
+                          env={**env, "CHUNK_SERVER": f"127.0.0.1:{free_loopback_port()}"}).code == 0
 
 
 def test_environment_variables_stand_in_for_flags(cli: CLI, chunkd_process: ChunkdProcess,
@@ -427,7 +421,7 @@ def test_key_file_readable_by_others_is_refused(cli: CLI, chunkd_process: Chunkd
 
 
 def test_connection_errors_exit_7(cli: CLI, chunkd_process: ChunkdProcess) -> None:
-    nothing = cli("--server", f"127.0.0.1:{free_port()}", "ping", connect=False)
+    nothing = cli("--server", f"127.0.0.1:{free_loopback_port()}", "ping", connect=False)
     assert nothing.code == ExitCode.CONNECTION_ERROR
     assert nothing.err.startswith("chunk: cannot connect to 127.0.0.1:")
     tls_to_plain = cli("--tls", "ping")

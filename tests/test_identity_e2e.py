@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -18,16 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from l4proxy.netaddr import free_loopback_port
+
 from .conftest import spawn_chunkd, stop_process, write_private
 
 L4 = [sys.executable, "-m", "l4proxy.cli"]
 CHUNK = [sys.executable, "-m", "l4proxy.client.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -76,7 +71,7 @@ def test_login_through_the_command_line(tmp_path: Path, processes: list[subproce
     )
     _wait_for(lambda: (idp / "issuer").exists(), "the dev IdP")
     issuer = (idp / "issuer").read_text().strip()
-    control, ops = _free_port(), _free_port()
+    control, ops = free_loopback_port(), free_loopback_port()
     config = tmp_path / "l4proxy.toml"
     config.write_text(f"""
 [gateway]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,17 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from l4proxy.client import ChunkClient, ClientError, DeniedByPolicy
 from l4proxy.identity import CertificateAuthority, Identity, init_ca
+from l4proxy.netaddr import free_loopback_port
 from l4proxy.wire import ErrorCode
 
 from .conftest import spawn_chunkd, stop_process, write_private
 
 TRUST = "serve.test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(chunkd_port: int, control: int, ops: int, gateway: int, groups: str) -> str:
@@ -103,7 +97,7 @@ def served(tmp_path: Path) -> Any:
     key = write_private(tmp_path / "chunkd.key", "ck_serve_secret_value\n")
     chunkd, chunkd_port = spawn_chunkd(tmp_path, ["--data", str(tmp_path / "data"),
                                                   "--api-key-file", str(key)])
-    ports = {"control": _free_port(), "ops": _free_port(), "gateway": _free_port()}
+    ports = {"control": free_loopback_port(), "ops": free_loopback_port(), "gateway": free_loopback_port()}
     config = tmp_path / "l4proxy.toml"
     config.write_text(_config(chunkd_port, **ports, groups='"eng", "admins"'))
     server = subprocess.Popen([sys.executable, "-m", "l4proxy.cli", "serve", "--config", str(config)],
@@ -195,7 +189,7 @@ async def test_kill_9_mid_session_then_restart_seals_the_recording(tmp_path: Pat
     key = write_private(tmp_path / "chunkd.key", "ck_serve_secret_value\n")
     chunkd, chunkd_port = spawn_chunkd(tmp_path, ["--data", str(tmp_path / "data"),
                                                   "--api-key-file", str(key)])
-    ports = {"control": _free_port(), "ops": _free_port(), "gateway": _free_port()}
+    ports = {"control": free_loopback_port(), "ops": free_loopback_port(), "gateway": free_loopback_port()}
     config = tmp_path / "l4proxy.toml"
     config.write_text(_config(chunkd_port, **ports, groups='"eng"')
                       + '\n[recording]\ndir = "recordings"\nmin_free_bytes = 0\n')

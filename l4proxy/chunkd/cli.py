@@ -9,22 +9,14 @@ from pathlib import Path
 
 import trio
 
-from l4proxy.netaddr import parse_host_port
+from l4proxy.netaddr import host_port_argument
 from l4proxy.wire import Limits
 
 from ._errors import ChunkdConfigError
 from ._keys import load_key_file, load_keys_toml
 from ._server import ChunkdConfig, serve
 
-__all__ = ["main", "parse_listen"]
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0 picks a free one)."""
-    try:
-        return parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
+__all__ = ["main"]
 
 
 def _size(text: str) -> int:
@@ -37,7 +29,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chunkd", description="The reference chunking service (CWP/1).")
-    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 7070),
+    p.add_argument("--listen", type=host_port_argument, default=("127.0.0.1", 7070),
                    help="HOST:PORT to listen on (default 127.0.0.1:7070; port 0 picks one)")
     p.add_argument("--data", type=Path, required=True, help="data directory (created 0700)")
     keys = p.add_mutually_exclusive_group(required=True)

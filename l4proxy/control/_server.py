@@ -80,9 +80,7 @@ async def run_control_plane(
         store = AsyncStateStore(sqlite)
     astore = store
     own_audit = audit is None
-    audit = audit or AuditLog(config.gateway.audit_path, gateway_id=config.gateway.id,
-                              max_bytes=config.gateway.audit_max_bytes,
-                              backups=config.gateway.audit_backups)
+    audit = audit or AuditLog.for_gateway(config.gateway)
     try:
         jwks = JwksManager(config.providers, clock=clock)
         api = ControlApi(config, store=astore, ca=ca, jwks=jwks, audit=audit, clock=clock)
