@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from l4proxy.audit import AuditLog, rfc3339
 from l4proxy.config import Config, ProviderConfig
 from l4proxy.config._model import HARD_MAX_CERT_TTL
-from l4proxy.gateway._certcheck import ClientRejected, check_client
+from l4proxy.gateway._certcheck import ClientRejected, check_client, lock_lookup
 from l4proxy.http import HttpRequest, HttpResponse, json_error, json_response
 from l4proxy.identity import (
     CertificateAuthority,
@@ -329,16 +329,11 @@ class ControlApi:
             return None, "no client certificate"
         now = self._now()
         locks = await self.store.active_locks(now=now.timestamp())
-
-        def locked(identity: Identity, serial: int) -> str | None:
-            lock = locks.match(identity.name, identity.groups, serial, now=now.timestamp())
-            return None if lock is None else f"lock {lock.id}"
-
         try:
             check = check_client(cert, ca_bundle=self.ca.bundle(now=now),
                                  trust_domain=self.ca.trust_domain,
                                  max_lifetime=timedelta(seconds=self.config.limits.max_cert_lifetime),
-                                 now=now, locked=locked)
+                                 now=now, locked=lock_lookup(locks, now=now.timestamp()))
         except ClientRejected as exc:
             return None, f"{exc.code}: {exc.reason}"
         return check.identity, ""

@@ -10,7 +10,7 @@
   resumed sessions included.
 """
 
-from ._certcheck import ClientCheck, ClientRejected, LockLookup, RejectCode, check_client
+from ._certcheck import ClientCheck, ClientRejected, LockLookup, RejectCode, check_client, lock_lookup
 from ._hooks import (
     ALLOW,
     AllowAll,
@@ -73,6 +73,7 @@ __all__ = [
     "UpstreamUnavailable",
     "check_client",
     "client_context",
+    "lock_lookup",
     "may_connect",
     "route",
     "run_cwp_session",

@@ -27,16 +27,33 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from l4proxy.identity import BACKDATE, Identity, check_leaf, leaf_identity
 
-__all__ = ["ClientCheck", "ClientRejected", "LockLookup", "RejectCode", "check_client"]
+if TYPE_CHECKING:
+    from l4proxy.store import LockSet
+
+__all__ = ["ClientCheck", "ClientRejected", "LockLookup", "RejectCode", "check_client", "lock_lookup"]
 
 #: ``locked(identity, serial)``: a reason when the identity, one of its groups or the
 #: certificate serial is locked, else None
 LockLookup = Callable[[Identity, int], "str | None"]
+
+
+def lock_lookup(locks: LockSet | None, *, now: float) -> LockLookup:
+    """:func:`check_client`'s ``locked`` callback over the state store's active locks
+    (None: no locks loaded, nothing is locked)."""
+
+    def locked(identity: Identity, serial: int) -> str | None:
+        if locks is None:
+            return None
+        lock = locks.match(identity.name, identity.groups, serial, now=now)
+        return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
+
+    return locked
 
 
 class RejectCode(enum.StrEnum):

@@ -43,7 +43,7 @@ from l4proxy.store import AsyncStateStore, SessionRecord
 from l4proxy.wire import ErrorCode, connection_error_frame
 from replay import seal_after_crash
 
-from ._certcheck import ClientRejected, check_client
+from ._certcheck import ClientRejected, check_client, lock_lookup
 from ._hooks import SessionInfo, SessionObserver
 from ._recorder import Recorder
 from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
@@ -395,7 +395,7 @@ class Gateway:
             check = check_client(
                 cert, ca_bundle=state.ca_bundle, trust_domain=state.trust_domain,
                 max_lifetime=timedelta(seconds=limits.max_cert_lifetime), now=datetime.now(UTC),
-                locked=lambda identity, serial: _lock_reason(locks, identity, serial))
+                locked=lock_lookup(locks, now=time.time()))
         except ClientRejected as exc:
             await self._refuse(tls, target, peer, exc.code, exc.reason,
                                _REJECT_CODES.get(exc.code, ErrorCode.DENIED_BY_POLICY))
@@ -598,9 +598,9 @@ class Gateway:
             except Exception:
                 log.exception("cannot read locks from the state store")
                 continue
-            locks = self._locks.locks
+            locked = lock_lookup(self._locks.locks, now=time.time())
             for live in list(self.sessions.values()):
-                reason = _lock_reason(locks, live.info.identity, live.info.serial)
+                reason = locked(live.info.identity, live.info.serial)
                 if reason is not None:
                     log.info("session %s ended by a lock: %s", live.info.session_id, reason)
                     live.control.end(ErrorCode.IDENTITY_LOCKED, "this identity is locked")
@@ -631,13 +631,6 @@ _PUBLIC = {
     ErrorCode.OVER_CAPACITY: "too many sessions; try again later",
     ErrorCode.SHUTTING_DOWN: "the gateway is shutting down",
 }
-
-
-def _lock_reason(locks: Any, identity: Identity, serial: int) -> str | None:
-    if locks is None:
-        return None
-    lock = locks.match(identity.name, identity.groups, serial, now=time.time())
-    return None if lock is None else f"lock {lock.id}: {lock.reason or 'no reason given'}"
 
 
 class _SessionStats:
