@@ -62,7 +62,16 @@ audience = "l4proxy"
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "l4proxy.toml") -> Path:
+#: every configuration with listeners must record its sessions; ``write`` adds this table
+#: to a configuration that has listeners and no [recording] (tests of that rule pass
+#: ``add_recording=False``)
+RECORDING = '\n[recording]\ndir = "recordings"\n'
+
+
+def write(tmp_path: Path, text: str, name: str = "l4proxy.toml", *,
+          add_recording: bool = True) -> Path:
+    if add_recording and "[[listeners]]" in text and "[recording]" not in text:
+        text += RECORDING
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
@@ -181,6 +190,25 @@ def test_recording_section(tmp_path: Path) -> None:
                    "recording.flush_interval", "1s")
     assert_problem(tmp_path, GATEWAY + "[recording]\nzstd_level = 1\n", "recording.dir",
                    "missing required key")
+
+
+def test_recording_is_required_with_listeners_and_off_only_by_name(tmp_path: Path) -> None:
+    listening = GATEWAY + target() + listener()
+    result = check_config(write(tmp_path, listening, add_recording=False))
+    assert [(p.path, "missing required table" in p.message) for p in result.problems] == \
+        [("recording", True)]
+    assert "enabled = false" in result.problems[0].message
+    # the bench-only switch: accepted, with a warning, and no recording configured
+    result = check_config(write(tmp_path, listening + "[recording]\nenabled = false\n"))
+    assert result.problems == () and result.config is not None
+    assert result.config.recording is None
+    assert [(w.path, "NOT recorded" in w.message) for w in result.warnings] == \
+        [("recording.enabled", True)]
+    # other keys would suggest a recording that is not happening
+    assert_problem(tmp_path, listening + '[recording]\nenabled = false\ndir = "r"\n',
+                   "recording.dir", "no effect with enabled = false")
+    on = load_config(write(tmp_path, listening + '[recording]\nenabled = true\ndir = "r"\n'))
+    assert on.recording is not None and on.recording.dir == tmp_path / "r"
 
 
 def test_audit_log_settings(tmp_path: Path) -> None:

@@ -326,6 +326,20 @@ async def test_reload_withdraws_access_and_a_broken_reload_keeps_the_old_state(e
     assert exc.value.code is ErrorCode.DENIED_BY_POLICY
 
 
+async def test_a_gateway_without_recording_says_so_loudly(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    assert env.config.recording is None and env.gateway.recorder is None
+    # at start (the fixture started serving): one audit event naming the listeners
+    events = [e for e in env.audit() if e["event"] == "recording_disabled"]
+    assert [e["listeners"] for e in events] == [sorted(env.gateway.addresses)]
+    caplog.set_level(logging.WARNING)
+    caplog.clear()
+    env.gateway.reload(env.config)  # and again on every reload
+    warnings = [r for r in caplog.records if "RECORDING IS OFF" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert len([e for e in env.audit() if e["event"] == "recording_disabled"]) == 2
+
+
 async def test_drain_sends_goaway_then_ends_sessions(env: Env) -> None:
     async with env.connect("gina") as c:
         assert "time" in await c.ping()

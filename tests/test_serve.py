@@ -32,6 +32,9 @@ TRUST = "serve.test"
 
 def _config(chunkd_port: int, control: int, ops: int, gateway: int, groups: str) -> str:
     return f"""
+[recording]
+dir = "recordings"
+min_free_bytes = 0
 [gateway]
 id = "gw-serve"
 state_dir = "state"
@@ -191,8 +194,7 @@ async def test_kill_9_mid_session_then_restart_seals_the_recording(tmp_path: Pat
                                                   "--api-key-file", str(key)])
     ports = {"control": free_loopback_port(), "ops": free_loopback_port(), "gateway": free_loopback_port()}
     config = tmp_path / "l4proxy.toml"
-    config.write_text(_config(chunkd_port, **ports, groups='"eng"')
-                      + '\n[recording]\ndir = "recordings"\nmin_free_bytes = 0\n')
+    config.write_text(_config(chunkd_port, **ports, groups='"eng"'))
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, "-m", "l4proxy.cli", "serve", "--config",

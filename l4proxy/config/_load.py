@@ -621,6 +621,10 @@ def _build(data: Mapping[str, object], source: Path, col: _Collector) -> Config 
     recording = _recording(root)
     targets = _targets(root)
     listeners = _listeners(root, targets, control)
+    if listeners and not root.has("recording"):
+        col.problem("recording", "missing required table: every session through a listener is "
+                                 "recorded, so set [recording] dir (only a benchmark may turn "
+                                 "recording off, with enabled = false)")
     if col.problems or gateway is None:
         return None
     return Config(gateway=gateway, control=control, providers=providers, ca=ca, limits=limits,
@@ -915,13 +919,22 @@ def _ordered(t: _Table, low_key: str, low: _N | None, low_default: _N, high_key:
 # --- the data path: limits, targets, listeners ----------------------------------------------
 
 
-_RECORDING = ("dir", "flush_interval", "fsync_interval", "zstd_level", "min_free_bytes",
+_RECORDING = ("enabled", "dir", "flush_interval", "fsync_interval", "zstd_level", "min_free_bytes",
               "max_pending_bytes")
 
 
 def _recording(root: _Table) -> RecordingConfig | None:
+    """``[recording]``: required as soon as the gateway has listeners (every session is
+    recorded). ``enabled = false`` is the one way to run without it, for benchmarks; the
+    gateway then says so loudly at start and on every reload."""
     t = root.table("recording", _RECORDING)
     if t is None:
+        return None
+    if t.boolean("enabled") is False:
+        for key in _RECORDING[1:]:
+            if t.has(key):
+                t.problem(key, "has no effect with enabled = false; remove it")
+        t.col.warn(t.at("enabled"), "false: sessions are NOT recorded; use this for benchmarks only")
         return None
     directory = t.path_value("dir", required=True)
     flush = t.duration("flush_interval", maximum=1.0, maximum_text="1s (at most 1 s may be lost)")

@@ -270,12 +270,24 @@ class Gateway:
         if moved or {lst.name for lst in config.listeners} != set(self.state.listeners):
             log.warning("reload: listener addresses changed (%s); they apply after a restart",
                         ", ".join(sorted(moved)) or "listeners added or removed")
+        if (config.recording is None) != (self.recorder is None):
+            log.warning("reload: [recording] was turned %s; that applies after a restart",
+                        "off" if config.recording is None else "on")
         self.state = new
+        if self.recorder is None and self.addresses:
+            self._recording_off_warning()
         for live in list(self.sessions.values()):
             if not self._still_allowed(live):
                 live.control.goaway(ErrorCode.DENIED_BY_POLICY,
                                     "access to this target was withdrawn; finish and disconnect")
         log.info("configuration reloaded")
+
+    def _recording_off_warning(self) -> None:
+        """Recording off is a benchmark switch (``[recording] enabled = false``); nobody
+        should be able to miss that a gateway runs that way."""
+        log.warning("SESSION RECORDING IS OFF ([recording] enabled = false): sessions through "
+                    "this gateway are NOT recorded; this setting is for benchmarks only")
+        self.audit.write("recording_disabled", {"listeners": sorted(self.addresses)})
 
     def _still_allowed(self, live: _Live) -> bool:
         """Whether the current state would admit this session again: its target and
@@ -316,6 +328,8 @@ class Gateway:
                             accept.start_soon(self._accept_loop, lst.name, listener, nursery)
                     log.info("gateway listening: %s", ", ".join(
                         f"{n}={h}:{p}" for n, (h, p) in self.addresses.items()))
+                    if self.recorder is None and self.addresses:
+                        self._recording_off_warning()
                     task_status.started(dict(self.addresses))
             # accepting stopped (drain); sessions finish in `nursery`
             await self._drained.wait()
