@@ -1,9 +1,15 @@
 """The audit log: one JSON object per line, for every security-relevant event.
 
 Theory of operation: events are plain dicts with an ``event`` name; the log adds the time
-(RFC 3339 UTC) and the gateway id, and writes one line, flushed, to a file (append mode,
-created 0600) or to stdout. Nothing secret may be put into an event: callers pass
-identities, serials and reasons, never tokens or keys.
+(RFC 3339 UTC) and the gateway id, and writes one line to a file (append mode, created
+0600) or to stdout. Nothing secret may be put into an event: callers pass identities,
+serials and reasons, never tokens or keys.
+
+Most events are written and flushed at once. The per-request events of live sessions
+(``write(..., flush=False)``) are held in memory, in order, until the next flushed event,
+an explicit :meth:`AuditLog.flush` (the gateway calls it every ``FLUSH_INTERVAL``), or
+``MAX_PENDING_BYTES``: a request then costs no system call on the data path, and a crash
+loses at most the last interval of request lines (the session's recording has them too).
 
 A file rotates by size: when the next line would take it past ``max_bytes``, it becomes
 ``<name>.1`` (older ones shift up to ``<name>.<backups>``, the oldest is dropped) and a new
@@ -24,12 +30,30 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from l4proxy.config import GatewayConfig
 
-__all__ = ["AuditLog", "rfc3339"]
+__all__ = ["FLUSH_INTERVAL", "AuditLog", "rfc3339"]
+
+#: how often the gateway flushes request lines held by ``write(..., flush=False)`` (seconds)
+FLUSH_INTERVAL = 0.1
+#: held request lines beyond this many bytes are written at once
+MAX_PENDING_BYTES = 64 << 10
+
+
+def _format_second(second: int) -> str:
+    return dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_last_second: tuple[int, str] = (0, _format_second(0))
 
 
 def rfc3339(ts: float) -> str:
-    """Unix seconds as RFC 3339 UTC with a ``Z`` (second precision)."""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Unix seconds as RFC 3339 UTC with a ``Z`` (second precision); the text of the
+    current second is reused (formatting a datetime costs more than the rest of a line)."""
+    global _last_second
+    second = int(ts // 1)
+    cached = _last_second
+    if cached[0] != second:
+        cached = _last_second = (second, _format_second(second))
+    return cached[1]
 
 
 class AuditLog:
@@ -48,6 +72,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._file: IO[str]
         self._size = 0
+        self._pending: list[str] = []
+        self._pending_bytes = 0
         self.path = path
         if path is None:
             self._file = sys.stdout
@@ -77,18 +103,34 @@ class AuditLog:
         os.replace(path, path.with_name(f"{path.name}.1"))
         self._file = self._open(path)
 
-    def write(self, event: str, fields: Mapping[str, Any]) -> None:
+    def write(self, event: str, fields: Mapping[str, Any], *, flush: bool = True) -> None:
+        """Add one event. ``flush=False``: hold it (in order) until the next flush."""
         record = {"time": rfc3339(self._clock()), "event": event, "gateway": self.gateway_id,
                   **fields}
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        size = len(line.encode("utf-8"))
         with self._lock:
+            self._pending.append(line)
+            self._pending_bytes += len(line)
+            if flush or self._pending_bytes >= MAX_PENDING_BYTES:
+                self._write_pending()
+
+    def flush(self) -> None:
+        """Write the held lines, if any."""
+        if self._pending:
+            with self._lock:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        for line in lines:
+            size = len(line.encode("utf-8"))
             if self.path is not None and self._size and self._size + size > self.max_bytes:
                 self._rotate(self.path)
             self._file.write(line)
-            self._file.flush()
             self._size += size
+        self._file.flush()
 
     def close(self) -> None:
+        self.flush()
         if self._owned:
             self._file.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from l4proxy.audit import AuditLog
+from l4proxy.audit import MAX_PENDING_BYTES, AuditLog, rfc3339
 
 
 def test_lines_are_json_with_time_event_and_gateway(tmp_path: Path) -> None:
@@ -50,3 +50,36 @@ def test_reopening_appends_and_counts_the_existing_size(tmp_path: Path) -> None:
     again.close()
     assert "x" * 1500 in path.with_name("audit.jsonl.1").read_text()
     assert "y" * 1000 in path.read_text()
+
+
+def test_held_lines_keep_their_order_and_reach_the_file_on_flush(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.write("request", {"n": 1}, flush=False)
+    log.write("request", {"n": 2}, flush=False)
+    assert path.read_text() == ""  # held: no system call per request
+    log.flush()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 2]
+    log.write("request", {"n": 3}, flush=False)
+    log.write("session_end", {"n": 4})  # a flushed event writes what was held before it
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    log.write("request", {"n": 5}, flush=False)
+    log.close()  # and closing writes the rest
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_held_lines_are_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(5000):  # ~400 KB of lines: written in pieces of at most MAX_PENDING_BYTES
+        log.write("request", {"i": i, "pad": "x" * 40}, flush=False)
+        assert log._pending_bytes < MAX_PENDING_BYTES
+    assert path.stat().st_size > 300_000
+    log.close()
+    assert len(path.read_text().splitlines()) == 5000
+
+
+def test_time_text_follows_the_clock_across_seconds() -> None:
+    assert [rfc3339(t) for t in (0.0, 0.999, 1.0, 86399.5, 86400.0, 0.5)] == [
+        "1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "1970-01-01T00:00:01Z",
+        "1970-01-01T23:59:59Z", "1970-01-02T00:00:00Z", "1970-01-01T00:00:00Z"]

@@ -743,6 +743,10 @@ def test_session_index_open_close_and_reopen(tmp_path: Path) -> None:
         with pytest.raises(StoreError):  # a session id is indexed once
             store.index_session_start(SessionRecord(session_id="s2", identity="x", target="t",
                                                     client_address="-", started_at=1.0))
+        # index rows commit without an fsync; everything else stays synchronous=FULL (2),
+        # also after an index write failed
+        assert store._db is not None
+        assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
     with SqliteStateStore(path) as store:  # persists across a restart
         assert [r.session_id for r in store.open_sessions()] == ["s2"]
         s1 = store.get_session("s1")

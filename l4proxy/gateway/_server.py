@@ -161,11 +161,15 @@ class _Live:
 
 
 class _AuditObserver:
-    """Writes the session's requests and decisions to the audit log."""
+    """Writes the session's requests (one line each, with the policy's decision) and
+    redactions and GOAWAYs to the audit log. Request lines are held and flushed in batches
+    (``AuditLog.write(flush=False)``); every other line is flushed at once."""
 
     def __init__(self, audit: AuditLog, info: SessionInfo) -> None:
         self.audit = audit
         self.info = info
+        #: the request whose decision has not been seen yet
+        self._request: dict[str, Any] | None = None
 
     async def client_bytes(self, data: bytes) -> None:
         return None
@@ -173,13 +177,26 @@ class _AuditObserver:
     async def server_bytes(self, data: bytes) -> None:
         return None
 
+    def _write_request(self, decision: Mapping[str, Any] | None) -> None:
+        request, self._request = self._request, None
+        if request is not None:
+            self.audit.write("session_request", {
+                "session": self.info.session_id, "identity": self.info.identity.name, **request,
+                "decision": None if decision is None else {
+                    k: decision.get(k) for k in ("allow", "rule", "code")}}, flush=False)
+
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
-        if kind in ("request", "decision", "redaction", "goaway"):
+        if kind == "request":
+            self._write_request(None)  # refused before the policy saw it (GOAWAY)
+            self._request = dict(fields)
+        elif kind == "decision":
+            self._write_request(fields)
+        elif kind in ("redaction", "goaway"):
             self.audit.write(f"session_{kind}", {"session": self.info.session_id,
                                                  "identity": self.info.identity.name, **fields})
 
     async def closed(self, reason: str) -> None:
-        return None
+        self._write_request(None)
 
 
 @dataclass(slots=True)
@@ -317,6 +334,7 @@ class Gateway:
             await self._refresh_locks(force=True)
             # locks keep being enforced while draining: the watcher is outside `_accepting`
             nursery.start_soon(self._lock_watcher)
+            nursery.start_soon(self._audit_flusher)
             with self._accepting:
                 async with trio.open_nursery() as accept:
                     for lst in self.state.config.listeners:
@@ -603,6 +621,15 @@ class Gateway:
         view.version = version
         view.refreshed = now
         return True
+
+    async def _audit_flusher(self) -> None:
+        """Write the request lines sessions hold back (``AuditLog.write(flush=False)``)."""
+        try:
+            while True:
+                await trio.sleep(AUDIT_FLUSH_INTERVAL)
+                self.audit.flush()
+        finally:
+            self.audit.flush()
 
     async def _lock_watcher(self) -> None:
         while True:

@@ -12,6 +12,12 @@ survives a crash of the process but the last few may be rolled back by a power l
 an OS crash, and a rolled-back FIRST claim would let the same ID token be exchanged for
 a second certificate after the host comes back. The replay cache is a security control,
 so it pays one fsync per claim; enrollment is rate-limited, so that cost is small.
+The session index is the exception (``_write(..., durable=False)``): its rows are written
+with ``synchronous=NORMAL`` for that one transaction, because every data-path session
+waits for its start row and an fsync there would cap session setup at the disk's flush
+rate. A process crash loses nothing; a power loss may lose the last index rows, never a
+recording (recordings are fsynced by the recorder), and the next durable commit fsyncs
+the WAL with them.
 
 *Schema.* ``PRAGMA user_version`` is the schema version and ``PRAGMA application_id``
 marks the file as ours. :data:`MIGRATIONS` is an ordered, append-only list: migration N
@@ -245,15 +251,22 @@ class SqliteStateStore(StateStore):
     # --- transactions --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """Run the ``with`` body in one ``BEGIN IMMEDIATE`` transaction under the lock."""
+    def _write(self, what: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """Run the ``with`` body in one ``BEGIN IMMEDIATE`` transaction under the lock.
+        ``durable=False``: commit without an fsync (see the module docstring)."""
         with self._lock:
             db = self._db
             if db is None:
                 raise StoreError(f"{what}: the state store {self.path} is closed")
             try:
-                with _transaction(db):
-                    yield db
+                if not durable:
+                    db.execute("PRAGMA synchronous = NORMAL")
+                try:
+                    with _transaction(db):
+                        yield db
+                finally:
+                    if not durable:
+                        db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
                 raise _map_error(exc, self.path, what) from exc
 
@@ -334,7 +347,7 @@ class SqliteStateStore(StateStore):
     # --- the session index ------------------------------------------------------------------
 
     def index_session_start(self, record: SessionRecord) -> None:
-        with self._write("index a session") as db:
+        with self._write("index a session", durable=False) as db:
             db.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES "
                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        _session_row(record))
@@ -345,7 +358,7 @@ class SqliteStateStore(StateStore):
                           trailer_head: bytes | None = None,
                           trailer_sig: bytes | None = None) -> None:
         ended_at = check_time("ended_at", ended_at)
-        with self._write("close a session in the index") as db:
+        with self._write("close a session in the index", durable=False) as db:
             updated = db.execute(
                 "UPDATE sessions SET ended_at = ?, end_reason = ?, bytes_to_gateway = ?, "
                 "bytes_to_client = ?, requests = ?, denials = ?, approvals = ?, masked = ?, "
