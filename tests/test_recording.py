@@ -237,3 +237,43 @@ def _dump_sha(path: Path, keyring: Any) -> tuple[int, int]:
         replay.dump(path, direction, Count(), trusted=keyring)  # type: ignore[arg-type]
         sizes.append(Count.n)
     return sizes[0], sizes[1]
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts the steps of tasks whose name contains ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.name in task.name:
+            self.steps += 1
+
+
+async def test_an_idle_session_costs_the_recorder_no_wakeups(nursery: trio.Nursery,
+                                                             tmp_path: Path) -> None:
+    env = await _recorded_env(nursery, tmp_path, flush_interval=0.05, fsync_interval=0.2)
+    counter = _StepCounter("SessionRecorder.run")
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with env.connect("ida") as c:
+            record = await env.store.get_session(c.session_id)
+            assert record is not None and record.file is not None
+            path = Path(record.file)
+            size = path.stat().st_size  # the header, written at the start
+            await c.ping(b"x" * 100)
+            with trio.fail_after(5):  # the ping is written soon after, without more traffic
+                while path.stat().st_size == size:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.5)  # the flush and the fsync after fsync_interval are done
+            before = counter.steps
+            await trio.sleep(1.0)  # ten flush intervals of silence
+            assert counter.steps == before
+            assert before > 0  # the counter does see the recorder's task
+            await c.ping(b"y")
+            with trio.fail_after(5):  # and activity wakes it again
+                while counter.steps == before:
+                    await trio.sleep(0.01)
+    finally:
+        trio.lowlevel.remove_instrument(counter)

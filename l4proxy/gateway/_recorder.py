@@ -99,6 +99,10 @@ class SessionRecorder:
         self.trailer: Trailer | None = None
         self.failed: str | None = None
         self._write_lock = trio.Lock()
+        #: set when records are added; the flusher waits on it
+        self._wake = trio.Event()
+        #: bytes were written since the last fsync
+        self._unsynced = False
         self._last_fsync = time.monotonic()
         self._created = False
         self._reported = False
@@ -122,6 +126,7 @@ class SessionRecorder:
         return self.writer
 
     async def _backpressure(self) -> None:
+        self._wake.set()
         if self.failed is not None:
             if self._reported:
                 return  # the session is already ending because of it
@@ -212,15 +217,54 @@ class SessionRecorder:
                 raise RecordingFailed(self.failed) from None
             if sync:
                 self._last_fsync = time.monotonic()
+                self._unsynced = False
+            else:
+                self._unsynced = True
             if final_reason is not None:
                 self.trailer = writer.trailer
 
+    async def sync(self) -> None:
+        """fsync what earlier flushes wrote (the session went quiet after a write)."""
+        async with self._write_lock:
+            if not self._unsynced or self.failed is not None:
+                return
+
+            def work() -> None:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+            try:
+                await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
+            except OSError as exc:
+                self.failed = f"cannot sync {self.path}: {exc.strerror or exc}"
+                log.error("session %s (%s): recording failed: %s", self.info.session_id,
+                          self.info.identity.name, self.failed)
+                self._reported = True
+                raise RecordingFailed(self.failed) from None
+            self._last_fsync = time.monotonic()
+            self._unsynced = False
+
     async def run(self) -> None:
-        """Flush every ``flush_interval`` until cancelled; end the session on failure."""
+        """Flush ``flush_interval`` after records arrive, fsync a quiet session's last
+        write after ``fsync_interval``, sleep otherwise; until cancelled. Ends the session
+        on failure."""
+        config = self.recorder.config
         try:
             await self.flush()  # the header is on disk before anything else happens
             while True:
-                await trio.sleep(self.recorder.config.flush_interval)
+                if self._unsynced:
+                    with trio.move_on_after(config.fsync_interval):
+                        await self._wake.wait()
+                    if not self._wake.is_set():
+                        await self.sync()
+                        continue
+                else:
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await trio.sleep(config.flush_interval)
                 await self.flush()
         except RecordingFailed as exc:
             self.control.end(ErrorCode.RECORDING_FAILED, str(exc))
