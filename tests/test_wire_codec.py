@@ -385,6 +385,41 @@ def test_split_at_chosen_points(who: Role, data: st.DataObject) -> None:
     assert normalise(replay(who, chunks)) == normalise(conversation().received[who])
 
 
+@settings(max_examples=200, deadline=None)
+@given(who=st.sampled_from([C, S]), data=st.data())
+def test_split_with_bytes_and_bytearray_reads(who: Role, data: st.DataObject) -> None:
+    # ``bytes`` reads inside a DATA payload are handed out in place, other reads are
+    # copied into the buffer: any mix of the two parses the same
+    stream = bytes(conversation().stream[who])
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=40))))
+    bounds = [0, *cuts, len(stream)]
+    kinds = data.draw(st.lists(st.booleans(), min_size=len(bounds), max_size=len(bounds)))
+    chunks = [stream[a:b] if k else bytearray(stream[a:b])
+              for (a, b), k in zip(itertools.pairwise(bounds), kinds, strict=False)]
+    assert normalise(replay(who, chunks)) == normalise(conversation().received[who])
+
+
+def test_reads_inside_a_data_payload_are_handed_out_without_a_copy() -> None:
+    client, server = open_pair()
+    size = 3 * 1000 + 10
+    put = Request(request_id=1, op=Op.PUT, args={"bucket": "b", "key": "k", "size": size})
+    assert feed(server, client.send(put)) == [put]
+    client.receive_data(server.send(Continue(request_id=1)))
+    assert drain(client) == [Continue(request_id=1)]
+    body = bytes(range(256)) * 12
+    stream = client.send(Data(request_id=1, data=body[:size], end_stream=True)) + \
+        client.send(Request(request_id=2, op=Op.PING))
+    header = wire.HEADER_SIZE
+    reads = [stream[: header + 10], *(stream[header + 10 + i * 1000: header + 10 + (i + 1) * 1000]
+                                      for i in range(3)), stream[header + size:]]
+    events = [e for r in reads for e in feed(server, r)]
+    data = [e for e in events if isinstance(e, Data)]
+    assert b"".join(e.data for e in data) == body[:size]
+    assert [e.data is r for e, r in zip(data[1:], reads[1:4], strict=True)] == [True] * 3
+    assert data[-1].end_stream and events[-1] == Request(request_id=2, op=Op.PING)
+    assert server.buffered == 0
+
+
 # --- strict decoding -----------------------------------------------------------------
 
 

@@ -266,12 +266,14 @@ class _CwpSession:
             if event is not NEED_DATA:
                 assert isinstance(event, Event)
                 return event
-            data = await self.client.receive_some(self.limits.read_size)
+            # one immutable copy serves the observer and the codec (which hands out
+            # pieces of it without copying while a DATA payload streams through)
+            data = bytes(await self.client.receive_some(self.limits.read_size))
             if data:
                 if self._held is not None:
                     self._held += data  # until HELLO is parsed: it may carry a credential
                 else:
-                    await self.hooks.observer.client_bytes(bytes(data))
+                    await self.hooks.observer.client_bytes(data)
                 self.activity.touch()
             self.down.receive_data(data)
 
@@ -305,7 +307,7 @@ class _CwpSession:
             if event is not NEED_DATA:
                 assert isinstance(event, Event)
                 return event
-            data = await self.upstream.receive_some(self.limits.read_size)
+            data = bytes(await self.upstream.receive_some(self.limits.read_size))  # see client_event
             if data:
                 self.activity.touch()
             self.up.receive_data(data)

@@ -228,6 +228,10 @@ class Connection:
         self._state = ConnState.START
         self._buf = bytearray()
         self._pos = 0
+        #: a received ``bytes`` object read in place (no copy into ``_buf``) while a DATA
+        #: frame's payload is streaming through; ``_buf`` is empty meanwhile
+        self._direct: bytes | None = None
+        self._dpos = 0
         self._eof = False
         self._streams: dict[int, _Stream] = {}
         self._last_request_id = 0
@@ -276,7 +280,8 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
-        return len(self._buf) - self._pos
+        direct = 0 if self._direct is None else len(self._direct) - self._dpos
+        return len(self._buf) - self._pos + direct
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -305,6 +310,12 @@ class Connection:
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
+        if type(data) is bytes and self._partial is not None and not self.buffered:
+            # the middle of a DATA payload: hand out pieces of ``data`` itself (the whole
+            # object when the read lies inside the payload), not copies
+            self._direct = data
+            self._dpos = 0
+            return
         self._buf += data
 
     def next_event(self) -> Event | NeedData:
@@ -341,6 +352,19 @@ class Connection:
             self._pos = 0
 
     def _next_event(self) -> Event | NeedData | _Swallowed:
+        direct = self._direct
+        if direct is not None:
+            start = self._dpos
+            if self._partial is not None:
+                n = min(len(direct) - start, self._partial.remaining)
+                piece = direct if n == len(direct) else direct[start : start + n]
+                self._dpos = start + n
+                if self._dpos == len(direct):
+                    self._direct = None
+                return self._data_piece(self._partial, piece)
+            # the payload ended inside this read: the rest is parsed from ``_buf``
+            self._buf += memoryview(direct)[start:]
+            self._direct = None
         if self._partial is not None:
             return self._next_data_piece(self._partial)
         avail = len(self._buf) - self._pos
@@ -384,8 +408,13 @@ class Connection:
         with memoryview(self._buf) as view:
             piece = bytes(view[self._pos : self._pos + n])
         self._pos += n
-        partial.remaining -= n
         self._compact()
+        return self._data_piece(partial, piece)
+
+    def _data_piece(self, partial: _PartialData, piece: bytes) -> Event | _Swallowed:
+        """Account for ``piece``, the next bytes of ``partial``'s payload."""
+        n = len(piece)
+        partial.remaining -= n
         last = partial.remaining == 0
         if last:
             self._partial = None
