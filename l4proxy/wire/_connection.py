@@ -106,6 +106,13 @@ _ALLOWED_FLAGS: dict[FrameType, FrameFlag] = {t: FrameFlag.NONE for t in FrameTy
 _ALLOWED_FLAGS[FrameType.DATA] = FrameFlag.END_STREAM
 _ALLOWED_FLAGS[FrameType.ROWS] = FrameFlag.END_STREAM
 _ALLOWED_FLAGS[FrameType.REQUEST] = FrameFlag.BODY
+# int(): ~ on an IntFlag only complements within the defined flags, so it would let
+# unknown bits (0x04..0x80) through
+_ALLOWED_FLAG_BITS: dict[FrameType, int] = {t: int(f) for t, f in _ALLOWED_FLAGS.items()}
+#: lookup tables for the header's type and flags bytes (cheaper than enum calls)
+_FRAME_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}
+_FLAGS: tuple[FrameFlag, ...] = tuple(FrameFlag(b & int(FrameFlag.END_STREAM | FrameFlag.BODY))
+                                      for b in range(256))
 # request id: 0 = must be zero, 1 = must be non-zero, None = either
 _RID_RULE: dict[FrameType, int | None] = {
     FrameType.HELLO: 0, FrameType.WELCOME: 0, FrameType.GOAWAY: 0,
@@ -435,18 +442,14 @@ class Connection:
 
     def _check_header(self, sender: Role, raw_type: int, raw_flags: int, reserved: int,
                       rid: int, length: int) -> tuple[FrameType, FrameFlag]:
-        try:
-            ftype = FrameType(raw_type)
-        except ValueError:
+        ftype = _FRAME_TYPES.get(raw_type)  # a dict lookup: FrameType(x) costs an enum call
+        if ftype is None:
             self._fail(sender, f"unknown frame type 0x{raw_type:02x}")
         if reserved:
             self._fail(sender, f"{ftype.name}: reserved header bits are not zero")
         if not 0 <= rid <= MAX_REQUEST_ID:  # only reachable from send(): a u32 on the wire
             self._fail(sender, f"{ftype.name}: request id {rid} is out of range")
-        # int(): ~ on an IntFlag only complements within the defined flags, so it would
-        # let unknown bits (0x04..0x80) through
-        allowed = int(_ALLOWED_FLAGS[ftype])
-        if raw_flags & ~allowed:
+        if raw_flags & ~_ALLOWED_FLAG_BITS[ftype]:
             self._fail(sender, f"{ftype.name}: flags 0x{raw_flags:02x} not allowed")
         if ftype not in _SENDABLE[sender]:
             self._fail(sender, f"{ftype.name} may not be sent by the {sender}")
@@ -465,7 +468,7 @@ class Connection:
         elif length > self.limits.max_control_size:
             self._fail(sender, f"{ftype.name} payload of {length} bytes exceeds max_control_size "
                          f"{self.limits.max_control_size}", ErrorCode.FRAME_TOO_LARGE, rid)
-        return ftype, FrameFlag(raw_flags)
+        return ftype, _FLAGS[raw_flags]
 
     def _decode(self, ftype: FrameType, flags: FrameFlag, rid: int,
                 payload: bytes) -> Event | _Swallowed:

@@ -31,8 +31,14 @@ def encode_frame(ftype: FrameType, flags: FrameFlag, request_id: int, payload: b
     return HEADER.pack(ftype, flags, 0, request_id, len(payload)) + payload
 
 
+_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
 def _canonical(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
+    t = type(obj)
+    if t in _SCALARS:  # most values; isinstance against the Mapping ABC is slow
+        return obj
+    if t is dict or isinstance(obj, Mapping):
         return {k: _canonical(obj[k]) for k in sorted(obj)}
     if isinstance(obj, (list, tuple)):
         return [_canonical(v) for v in obj]
