@@ -1,8 +1,10 @@
-"""The gateway's TLS front door: ``TlsStream`` (SSLObject + memory BIOs) and ``check_client``.
+"""The gateway's TLS front door: ``TlsStream`` as the server and ``check_client``.
 
 Real loopback sockets on port 0 with Python's ``ssl`` (blocking, in a worker thread) or
-trio's ``SSLStream`` as the client; ``TlsStream`` semantics on trio memory streams. Every
-test is bounded (``trio.fail_after``, socket timeouts); nothing sleeps. The CA is real
+trio's ``SSLStream`` as the client; and the gateway's TLS upstreams (``open_upstream``)
+against trio's ``SSLStream`` as the service. ``TlsStream``'s own semantics and its client
+side are in ``test_tls.py``. Every test is bounded (``trio.fail_after``, socket timeouts); nothing
+sleeps. The CA is real
 (``init_ca`` in a temp dir) and valid at the real time, since OpenSSL checks certificates
 against the real clock; ``check_client`` gets its time injected.
 """
@@ -26,17 +28,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import l4proxy.gateway
+from l4proxy.config import LimitsConfig, TargetConfig, TargetProtocol
 from l4proxy.gateway import (
     ClientCheck,
     ClientRejected,
     RejectCode,
-    TlsHandshakeError,
-    TlsStream,
+    SessionInfo,
     check_client,
-    client_context,
-    server_context,
+    run_tcp_session,
 )
+from l4proxy.gateway._upstream import open_upstream, upstream_ssl_context
 from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identity, identity_uri, init_ca
+from l4proxy.tls import TlsHandshakeError, TlsStream, server_context
 
 TD = "test.l4proxy"
 ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
@@ -611,182 +614,142 @@ def test_a_rotated_away_ca_stops_counting(ca_dir: Path, ca: CertificateAuthority
     assert info.value.code == RejectCode.FOREIGN_CA
 
 
-# --- TlsStream semantics on memory streams -------------------------------------------------------
+# --- TLS upstreams (the gateway as a TLS client) -------------------------------------------------
 
 
-async def _pair(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, now: datetime,
-                version: ssl.TLSVersion, *, transport: str = "memory",
-                **server_options: Any) -> tuple[TlsStream, TlsStream]:
-    """A handshaken (server, client) pair of TlsStreams, our client_context on the client."""
-    key, cert = _mint(ca, now)
-    crt, pem_key = _write_pair(tmp_path, "alice", key, cert)
-    cctx = client_context(ca_dir / "ca.crt", cert=crt, key=pem_key)
-    cctx.maximum_version = version
-    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
-    a, b = (trio.testing.memory_stream_pair() if transport == "memory"
-            else trio.testing.lockstep_stream_pair())
-    server = TlsStream(a, sctx, server_side=True, **server_options)
-    client = TlsStream(b, cctx, server_side=False, server_hostname="localhost")
-    with trio.fail_after(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
-            nursery.start_soon(client.do_handshake)
-    return server, client
+def _upstream_target(ca_dir: Path, port: int, server_name: str | None = "localhost") -> TargetConfig:
+    return TargetConfig(name="tls-up", upstream=("127.0.0.1", port), protocol=TargetProtocol.TCP,
+                        upstream_tls=True, upstream_ca=ca_dir / "ca.crt", upstream_server_name=server_name)
 
 
-@VERSIONS
-async def test_half_close_and_clean_close(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                          now: datetime, version: ssl.TLSVersion) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, version)
-    assert client.server_hostname == "localhost"
-    assert server.server_side and not client.server_side
-    assert client.version() == server.version()
-    with trio.fail_after(DEADLINE):
-        await client.send_all(b"request")
-        await client.send_eof()
-        await client.send_eof()  # idempotent
-        with pytest.raises(trio.ClosedResourceError):
-            await client.send_all(b"more")
-        assert await _receive_exactly(server, 7) == b"request"
-        assert await server.receive_some() == b""
-        assert await server.receive_some() == b""  # EOF stays EOF
-        await server.send_all(b"response after the client's EOF")
-        assert await client.receive_some() == b"response after the client's EOF"
-        await server.aclose()
-        assert await client.receive_some() == b""
-        await client.aclose()
-        await client.aclose()  # idempotent
-    for stream in (server, client):
-        with pytest.raises(trio.ClosedResourceError):
-            await stream.receive_some()
-        with pytest.raises(trio.ClosedResourceError):
-            await stream.send_all(b"x")
+def _upstream_server_ctx(ca_dir: Path) -> ssl.SSLContext:
+    """A plain TLS service (no client certificates), as most upstreams are."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(ca_dir / "server.crt", ca_dir / "server.key")
+    return ctx
 
 
-async def test_receive_returns_what_is_there_up_to_max_bytes(tmp_path: Path, ca_dir: Path,
-                                                             ca: CertificateAuthority, now: datetime) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
-    data = hashlib.shake_256(b"x").digest(200_000)
-    with trio.fail_after(DEADLINE):
-        await client.send_all(data)  # 13 records, buffered in the memory stream
-        first = await server.receive_some(1000)
-        assert first == data[:1000]
-        rest = await server.receive_some()
-        assert len(rest) > RECORD  # every record that arrived, not one
-        rest += await _receive_exactly(server, len(data) - 1000 - len(rest))
-        assert first + rest == data
-        with pytest.raises(ValueError):
-            await server.receive_some(0)
-    await client.aclose()
-    await server.aclose()
+async def _one_tls_upstream(ca_dir: Path, serve: Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[T]],
+                            use: Callable[[int], Awaitable[Any]]) -> tuple[T, Any]:
+    """``serve`` one connection with trio's SSLStream (https_compatible=False: a missing
+    close_notify is an error) while ``use(port)`` runs."""
+    ctx = _upstream_server_ctx(ca_dir)
 
-
-async def test_byte_at_a_time_transport(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                        now: datetime) -> None:
-    """A transport that yields one byte per read: handshake and data still work."""
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13, read_size=1)
-    with trio.fail_after(DEADLINE):
-        await client.send_all(b"trickle" * 100)
-        assert await _receive_exactly(server, 700) == b"trickle" * 100
-        await server.send_all(b"ok")
-        assert await client.receive_some() == b"ok"
-    await client.aclose()
-    await server.aclose()
-
-
-async def test_concurrent_receives_conflict(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                            now: datetime) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
-
-    async def blocked_receiver() -> None:
-        with pytest.raises(trio.ClosedResourceError):
-            await server.receive_some()
-
-    with trio.fail_after(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(blocked_receiver)
-            await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(trio.BusyResourceError):
-                await server.receive_some()
-            await server.aclose()  # wakes the blocked receiver with ClosedResourceError
-    await client.aclose()
-
-
-async def test_eof_without_close_notify_is_broken(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                                  now: datetime) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
-    await client.send_all(b"partial")
-    await client.transport_stream.aclose()  # a bare close: possible truncation
-    assert await server.receive_some() == b"partial"
-    with pytest.raises(trio.BrokenResourceError) as info:
-        await server.receive_some()
-    assert isinstance(info.value.__cause__, ssl.SSLEOFError)
-    with pytest.raises(trio.BrokenResourceError):
-        await server.send_all(b"x")
-    await server.aclose()  # closing a broken stream is fine
-
-
-async def test_ragged_eof_allowed_when_asked(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                             now: datetime) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12, allow_ragged_eof=True)
-    await client.transport_stream.aclose()
-    assert await server.receive_some() == b""
-    await server.aclose()
-
-
-async def test_aclose_is_bounded_when_the_peer_never_reads(tmp_path: Path, ca_dir: Path,
-                                                           ca: CertificateAuthority, now: datetime,
-                                                           autojump_clock: trio.testing.MockClock) -> None:
-    # lockstep: every send waits until the peer reads, and this peer never does
-    # (TLS 1.2: with TLS 1.3 the server's session tickets would already wait for a reader)
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12, transport="lockstep", close_timeout=3.0)
-    start = trio.current_time()
-    with trio.fail_after(30):
-        await server.aclose()
-    assert 3.0 <= trio.current_time() - start < 4.0
-    with pytest.raises(trio.ClosedResourceError):
-        await server.receive_some()
-    await trio.aclose_forcefully(client)
-
-
-async def test_cancelled_receive_loses_nothing(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                               now: datetime) -> None:
-    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS12)
-    with trio.move_on_after(0) as scope:
-        await server.receive_some()
-    assert scope.cancelled_caught
-    with trio.fail_after(DEADLINE):
-        await client.send_all(b"still here")
-        assert await server.receive_some() == b"still here"
-    await client.aclose()
-    await server.aclose()
-
-
-async def test_client_side_handshake_failure_is_typed(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
-                                                      now: datetime) -> None:
-    """Upstream TLS: a server whose name does not match is refused by our client."""
-    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
-    cctx = client_context(ca_dir / "ca.crt")
-    a, b = trio.testing.memory_stream_pair()
-    server = TlsStream(a, sctx, server_side=True)
-    client = TlsStream(b, cctx, server_side=False, server_hostname="not-the-gateway.example")
-    errors: dict[str, BaseException] = {}
-
-    async def run(name: str, stream: TlsStream) -> None:
+    async def server(listener: trio.SocketListener) -> T:
+        tls = trio.SSLStream(await listener.accept(), ctx, server_side=True, https_compatible=False)
         try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            errors[name] = exc
-        await stream.aclose()
+            return await serve(tls)
+        finally:
+            await trio.aclose_forcefully(tls)
 
-    with trio.fail_after(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "server", server)
-            nursery.start_soon(run, "client", client)
-    err = errors["client"]
-    assert isinstance(err, TlsHandshakeError)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    assert isinstance(listener, trio.SocketListener)
+    results: dict[str, Any] = {}
+
+    async def run_server() -> None:
+        results["server"] = await server(listener)
+
+    async def run_use() -> None:
+        results["use"] = await use(listener.socket.getsockname()[1])
+
+    try:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_server)
+                nursery.start_soon(run_use)
+    finally:
+        await listener.aclose()
+    return results["server"], results["use"]
+
+
+def test_upstream_context_refuses_renegotiation(ca_dir: Path) -> None:
+    ctx = upstream_ssl_context(_upstream_target(ca_dir, 1))
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION  # TlsStream sends without reading
+    assert ctx.check_hostname and ctx.verify_mode is ssl.CERT_REQUIRED
+    assert ctx.minimum_version is TLS12
+
+
+@pytest.mark.parametrize("server_name", ["localhost", None], ids=["server_name", "host"])
+async def test_tls_upstream_is_a_tls_stream(ca_dir: Path, server_name: str | None) -> None:
+    """open_upstream: TlsStream, the name checked (upstream_server_name, else the host),
+    close_notify on aclose."""
+
+    async def serve(tls: trio.SSLStream[trio.SocketStream]) -> tuple[bytes | bytearray, bytes | bytearray]:
+        request = await tls.receive_some()
+        await tls.send_all(b"pong")
+        return request, await tls.receive_some()
+
+    async def use(port: int) -> tuple[str | None, bytes | bytearray]:
+        upstream = await open_upstream(_upstream_target(ca_dir, port, server_name), read_size=4096)
+        assert isinstance(upstream, TlsStream)
+        async with upstream:
+            await upstream.send_all(b"ping")
+            return upstream.server_hostname, await upstream.receive_some()
+
+    (request, eof), (sni, answer) = await _one_tls_upstream(ca_dir, serve, use)
+    assert sni == (server_name or "127.0.0.1")
+    assert (request, answer) == (b"ping", b"pong")
+    assert eof == b""  # close_notify
+
+
+async def test_tls_upstream_with_the_wrong_name_fails_typed(ca_dir: Path) -> None:
+    """The error the sessions catch (BrokenResourceError), typed, and the upstream got our alert."""
+
+    async def serve(tls: trio.SSLStream[trio.SocketStream]) -> BaseException:
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await tls.do_handshake()
+        return info.value
+
+    async def use(port: int) -> TlsHandshakeError:
+        with pytest.raises(TlsHandshakeError) as info:
+            await open_upstream(_upstream_target(ca_dir, port, "other.internal"))
+        return info.value
+
+    seen, err = await _one_tls_upstream(ca_dir, serve, use)
     assert "hostname mismatch" in err.reason.lower()
-    assert err.alert is True
-    # and the server learned why: our client's alert reached it
-    assert isinstance(errors["server"], TlsHandshakeError)
-    assert errors["server"].reason == "sslv3 alert bad certificate"
+    assert isinstance(err, trio.BrokenResourceError)
+    assert isinstance(seen.__cause__, ssl.SSLError)
+    assert seen.__cause__.reason == "SSLV3_ALERT_BAD_CERTIFICATE"
+
+
+async def test_tcp_session_half_close_reaches_a_tls_upstream(ca_dir: Path) -> None:
+    """A tcp target over TLS: the client's EOF reaches the upstream as close_notify (as it
+    reaches a plain upstream as a FIN), the upstream answers after it, and its close_notify
+    comes back to the client as EOF. (With trio's SSLStream, which cannot half-close, the
+    upstream never saw the EOF.)"""
+    client_end, gateway_end = trio.testing.memory_stream_pair()
+    session = SessionInfo(session_id="s-1", identity=ALICE, serial=1,
+                          not_after=datetime.now(UTC) + timedelta(hours=1), target="tls-up",
+                          client_address="127.0.0.1")
+    limits = LimitsConfig(upstream_connect_timeout=5.0)
+
+    async def serve(tls: trio.SSLStream[trio.SocketStream]) -> bytes:
+        got = bytearray()
+        while data := await tls.receive_some():
+            got += data
+        await tls.send_all(b"got: " + bytes(got))
+        await tls.aclose()
+        return bytes(got)
+
+    async def use(port: int) -> tuple[str, bytes]:
+        target = _upstream_target(ca_dir, port)
+        reason: list[str] = []
+
+        async def run() -> None:
+            reason.append(await run_tcp_session(session, gateway_end, limits=limits,
+                                                open_upstream=lambda: open_upstream(target)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await client_end.send_all(b"the request")
+            await client_end.send_eof()
+            answer = bytearray()
+            while data := await client_end.receive_some():
+                answer += data
+        return reason[0], bytes(answer)
+
+    request, (reason, answer) = await _one_tls_upstream(ca_dir, serve, use)
+    assert request == b"the request"
+    assert answer == b"got: the request"
+    assert reason == "closed"

@@ -25,13 +25,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import msgpack
 import trio
 
 from l4proxy.chunking import Chunker, ChunkSpecError, chunk_spec
 from l4proxy.ids import uuid7
+from l4proxy.tls import TlsStream
 from l4proxy.wire import (
     NEED_DATA,
     Access,
@@ -129,8 +130,12 @@ class ChunkService:
 
 
 def _server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.2+, no client certificate (API keys authenticate). Renegotiation is refused:
+    :class:`~l4proxy.tls.TlsStream` sends without reading, so a client's renegotiation
+    would break the stream (see its theory of operation)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
     return ctx
 
@@ -144,21 +149,25 @@ async def serve(config: ChunkdConfig, *,
     """
     service = ChunkService(config)
     try:
-        listeners: list[Any] = list(await trio.open_tcp_listeners(config.port, host=config.host))
-        if config.tls_cert and config.tls_key:
-            ctx = _server_ssl_context(config.tls_cert, config.tls_key)
-            listeners = [trio.SSLListener(ln, ctx, https_compatible=False) for ln in listeners]
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        ctx = (_server_ssl_context(config.tls_cert, config.tls_key)
+               if config.tls_cert and config.tls_key else None)
         addresses = []
         for ln in listeners:
-            inner = cast(trio.SocketListener,
-                         ln.transport_listener if isinstance(ln, trio.SSLListener) else ln)
-            addr = inner.socket.getsockname()
+            addr = ln.socket.getsockname()
             addresses.append((addr[0], addr[1]))
         log.info("chunkd listening on %s (tls=%s, keys=%d)",
                  ", ".join(f"{h}:{p}" for h, p in addresses), bool(config.tls_cert), len(config.keys))
         task_status.started(addresses)
 
-        async def handler(stream: trio.abc.Stream) -> None:
+        async def handler(tcp: trio.SocketStream) -> None:
+            # TLS (when configured) wraps the accepted socket here (TlsStream has no
+            # listener like trio.SSLListener): the handshake runs inside the session's
+            # first read or write, so hello_timeout bounds it together with HELLO, and a
+            # failed one ends the session like a dropped connection (BrokenResourceError)
+            stream: trio.abc.Stream = tcp
+            if ctx is not None:
+                stream = TlsStream(tcp, ctx, server_side=True, read_size=config.read_size)
             try:
                 await _Session(service, stream).run()
             except Exception:  # a bug in one session must not take the service down

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import trio
 
+from l4proxy.tls import TlsStream
 from l4proxy.wire import (
     NEED_DATA,
     Cancel,
@@ -224,6 +225,13 @@ class ChunkClient:
     ) -> AsyncIterator[ChunkClient]:
         """Connect, authenticate and yield a ready client; closes it on exit.
 
+        With ``ssl_context``, TLS runs on :class:`~l4proxy.tls.TlsStream` (reading up to
+        ``read_size`` of ciphertext at once); ``server_name`` (default: ``host``) goes out
+        in SNI and, with the context's ``check_hostname``, must match the server's
+        certificate. On exit the client sends close_notify before closing (bounded: a
+        peer that does not read cannot hold it up). TLS 1.2 renegotiation is not
+        supported (a send while a server runs one breaks the connection).
+
         Raises:
             ConnectionFailed: TCP or TLS failed, or the server went away during HELLO.
             ClientError: the server refused the HELLO (e.g. AUTH_FAILED, exit code 2).
@@ -236,8 +244,11 @@ class ChunkClient:
                     tcp = await trio.open_tcp_stream(host, port)
                     stream = tcp
                     if ssl_context is not None:
-                        tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_name or host,
-                                             https_compatible=False)
+                        # TlsStream, not trio.SSLStream: large reads make the client keep up
+                        # with the gateway; a bare EOF (no close_notify) is an error, as
+                        # with https_compatible=False
+                        tls = TlsStream(tcp, ssl_context, server_side=False,
+                                        server_hostname=server_name or host, read_size=read_size)
                         stream = tls
                         await tls.do_handshake()
             except BaseException:
@@ -670,6 +681,11 @@ async def _read_welcome(stream: trio.abc.Stream, conn: Connection, read_size: in
 
 def _describe(exc: BaseException) -> str:
     """Describe a transport error without echoing anything secret."""
+    # TlsStream wraps a failed transport call in one more BrokenResourceError: describe
+    # the transport's own error (the socket's errno), as with a plain TCP stream
+    while (isinstance(exc, trio.BrokenResourceError)
+           and isinstance(exc.__cause__, (trio.BrokenResourceError, trio.ClosedResourceError))):
+        exc = exc.__cause__
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, trio.BrokenResourceError) and isinstance(cause, ssl.SSLError):
         return f"TLS error: {cause.reason or cause.__class__.__name__}"

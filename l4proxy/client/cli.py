@@ -488,6 +488,8 @@ def make_ssl_context(*, ca_file: str | None, cert: str | None, key: str | None,
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load CA file {ca_file}: {_ssl_reason(exc)}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # the client's TlsStream sends without reading: a renegotiation would break it
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     if cert:
         try:
             ctx.load_cert_chain(cert, key)

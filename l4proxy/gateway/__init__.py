@@ -5,10 +5,23 @@
 * ``run_cwp_session`` / ``run_tcp_session`` (``_session.py``): one session each;
 * the hooks (``_hooks.py``): the one place for per-request policy, response transforms
   and the recorder;
-* :class:`TlsStream` (``_tls.py``): TLS driven through ``ssl.SSLObject`` with large reads;
+* :class:`TlsStream`, :func:`server_context`, :func:`client_context` (from
+  :mod:`l4proxy.tls`, re-exported so ``from l4proxy.gateway import TlsStream`` still works);
 * :func:`check_client` (``_certcheck.py``): the certificate check after every handshake,
   resumed sessions included.
 """
+
+from l4proxy.tls import (
+    AEAD_CIPHERS_TLS12,
+    BIO_SLICE,
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_READ_SIZE,
+    WRITE_SLICE,
+    TlsHandshakeError,
+    TlsStream,
+    client_context,
+    server_context,
+)
 
 from ._certcheck import ClientCheck, ClientRejected, LockLookup, RejectCode, check_client, lock_lookup
 from ._hooks import (
@@ -30,17 +43,6 @@ from ._session import (
     UpstreamUnavailable,
     run_cwp_session,
     run_tcp_session,
-)
-from ._tls import (
-    AEAD_CIPHERS_TLS12,
-    BIO_SLICE,
-    DEFAULT_CLOSE_TIMEOUT,
-    DEFAULT_READ_SIZE,
-    WRITE_SLICE,
-    TlsHandshakeError,
-    TlsStream,
-    client_context,
-    server_context,
 )
 
 __all__ = [

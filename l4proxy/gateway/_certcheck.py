@@ -147,7 +147,7 @@ def check_client(cert: x509.Certificate, *, ca_bundle: Sequence[x509.Certificate
     then ``locked(identity, serial)``.
 
     Args:
-        cert: the peer's leaf certificate (e.g. :meth:`TlsStream.peer_certificate`).
+        cert: the peer's leaf certificate (e.g. :meth:`l4proxy.tls.TlsStream.peer_certificate`).
         ca_bundle: the CAs trusted now (``CertificateAuthority.bundle(now=...)``).
         trust_domain: our SPIFFE trust domain.
         max_lifetime: the longest certificate lifetime accepted.

@@ -35,11 +35,13 @@ import trio
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from l4proxy.audit import FLUSH_INTERVAL as AUDIT_FLUSH_INTERVAL
 from l4proxy.audit import AuditLog
 from l4proxy.config import Config, ListenerConfig, TargetConfig, TargetProtocol
 from l4proxy.identity import CertificateAuthority, Identity, load_recording_keyring, trust_bundle
 from l4proxy.ids import uuid7
 from l4proxy.store import AsyncStateStore, SessionRecord
+from l4proxy.tls import TlsHandshakeError, TlsStream, server_context
 from l4proxy.wire import ErrorCode, connection_error_frame
 from replay import seal_after_crash
 
@@ -47,7 +49,6 @@ from ._certcheck import ClientRejected, check_client, lock_lookup
 from ._hooks import SessionInfo, SessionObserver
 from ._recorder import Recorder
 from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
-from ._tls import TlsHandshakeError, TlsStream, server_context
 from ._upstream import open_upstream, read_credential, upstream_ssl_context
 
 __all__ = ["Gateway", "GatewayConfigError", "GatewayState", "may_connect", "route"]

@@ -14,6 +14,7 @@ import stat
 import trio
 
 from l4proxy.config import TargetConfig
+from l4proxy.tls import DEFAULT_READ_SIZE, TlsStream
 
 from ._session import UpstreamUnavailable
 
@@ -58,23 +59,41 @@ def read_credential(target: TargetConfig) -> str:
 
 
 def upstream_ssl_context(target: TargetConfig) -> ssl.SSLContext:
+    """The context for a TLS upstream: the system's defaults (certificate and host name
+    checked) with ``upstream_ca`` as the trust store when set, TLS 1.2 at least.
+
+    Renegotiation is refused: :class:`~l4proxy.tls.TlsStream` sends without reading, so a
+    renegotiation in progress would break the stream (see its theory of operation).
+    """
     ctx = ssl.create_default_context(cafile=str(target.upstream_ca) if target.upstream_ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     return ctx
 
 
-async def open_upstream(target: TargetConfig, ctx: ssl.SSLContext | None = None) -> trio.abc.Stream:
+async def open_upstream(target: TargetConfig, ctx: ssl.SSLContext | None = None, *,
+                        read_size: int = DEFAULT_READ_SIZE) -> trio.abc.Stream:
     """Connect to the target (TCP, then TLS when configured). The caller bounds the time.
 
+    TLS runs on :class:`~l4proxy.tls.TlsStream` (large reads, as on the gateway's
+    listeners), which is half-closeable: a tcp session's ``send_eof`` reaches a TLS
+    upstream as close_notify, as it reaches a plain one as a TCP FIN.
+
+    Args:
+        target: the target to reach.
+        ctx: its client context (default: :func:`upstream_ssl_context`).
+        read_size: ciphertext read from the upstream at once (TLS only).
+
     Raises:
-        OSError / trio.BrokenResourceError: unreachable, or the TLS handshake failed.
+        OSError / trio.BrokenResourceError: unreachable, or the TLS handshake failed
+            (:class:`~l4proxy.tls.TlsHandshakeError`, a ``BrokenResourceError``).
     """
     host, port = target.upstream
     tcp = await trio.open_tcp_stream(host, port)
     if not target.upstream_tls:
         return tcp
-    tls = trio.SSLStream(tcp, ctx or upstream_ssl_context(target),
-                         server_hostname=target.upstream_server_name or host)
+    tls = TlsStream(tcp, ctx or upstream_ssl_context(target), server_side=False,
+                    server_hostname=target.upstream_server_name or host, read_size=read_size)
     try:
         await tls.do_handshake()
     except BaseException:

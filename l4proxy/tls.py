@@ -2,13 +2,19 @@
 
 Theory of operation
 -------------------
-:class:`TlsStream` is the gateway's replacement for :class:`trio.SSLStream` on the data
-path. trio's stream hands back one 16 KiB TLS record per ``receive_some`` and pays a trip
-through the scheduler for each; a relay built on it reached 0.29x haproxy. This one moves
-ciphertext in large pieces: ``receive_some`` reads up to ``read_size`` (256 KiB) from the
-transport at once and returns *all* the plaintext that decrypts from it (up to
-``max_bytes``); ``send_all`` encrypts the whole buffer and hands the transport one
-``send_all``.
+:class:`TlsStream` is l4proxy's replacement for :class:`trio.SSLStream` on every data
+path: the gateway's listeners and its TLS upstreams, chunkd's TLS listener and the
+client library (``ChunkClient.connect``), so both ends of each hop move data the same
+way. (The control plane's HTTPS, :mod:`l4proxy.http`, keeps ``trio.SSLStream``: its
+requests and answers are small, so large reads would not pay.) trio's stream hands back
+one 16 KiB TLS record per ``receive_some`` and pays a trip through the scheduler for
+each; a relay built on it reached 0.29x haproxy, and with our own client still on it the
+client was the benchmarks' bottleneck. This one moves ciphertext in large pieces:
+``receive_some`` reads up to ``read_size`` (256 KiB) from the transport at once and
+returns *all* the plaintext that decrypts from it (up to ``max_bytes``); ``send_all``
+encrypts the whole buffer and hands the transport one ``send_all``. Both roles are the
+same code: ``server_side`` and, on the client side, ``server_hostname`` (SNI and the
+certificate's name check) and ``session`` (resumption) are all that differ.
 
 State lives in three places: the :class:`ssl.SSLObject`, its incoming and outgoing
 :class:`ssl.MemoryBIO`, and ``_ct``, ciphertext already read from the transport but not
@@ -22,12 +28,16 @@ most of it OpenSSL's record buffers and the two BIOs at one record each.)
 Concurrency: one task may receive while another sends (each side has a conflict guard
 raising :class:`trio.BusyResourceError`). Every SSLObject call is synchronous and
 non-blocking, so the two sides interleave freely between awaits. Only the receive side
-(and, before it, the handshake) reads the transport; without renegotiation (disabled in
-:func:`server_context` / :func:`client_context`) a write never needs a read. Ordering of
-outgoing records is the one hazard: bytes leave the outgoing BIO *only* while
-``_send_lock`` is held, and the holder sends them before releasing it and re-checks the
-BIO before letting go. A receive that makes OpenSSL write (a TLS 1.3 KeyUpdate answer, an
-alert) flushes only if the lock is free; otherwise the holder sends those bytes too.
+(and, before it, the handshake) reads the transport; without renegotiation a write never
+needs a read. :func:`server_context` and :func:`client_context` disable renegotiation,
+and so does every other context l4proxy builds for a ``TlsStream`` (chunkd's, the
+gateway's upstream one, the ``chunk`` CLI's). With a caller's context that allows it, a
+write that OpenSSL cannot finish without reading (a TLS 1.2 renegotiation in progress)
+breaks the stream rather than waiting for the receive side. Ordering of outgoing records
+is the one hazard: bytes leave the outgoing BIO *only* while ``_send_lock`` is held, and
+the holder sends them before releasing it and re-checks the BIO before letting go. A
+receive that makes OpenSSL write (a TLS 1.3 KeyUpdate answer, an alert) flushes only if
+the lock is free; otherwise the holder sends those bytes too.
 
 Errors: a failed handshake first flushes the pending alert to the transport (trio's
 ``SSLStream`` drops it, so the peer sees a bare close), then raises
@@ -37,6 +47,11 @@ Errors: a failed handshake first flushes the pending alert to the transport (tri
 again; after :meth:`TlsStream.aclose`, calls raise :class:`trio.ClosedResourceError`.
 Cancelling ``receive_some`` while it waits for the transport loses nothing; cancelling a
 send or the handshake breaks the stream (part of a record may have been written).
+
+Closing: :meth:`TlsStream.aclose` sends close_notify (after a completed handshake, if the
+stream is not broken and :meth:`~TlsStream.send_eof` has not sent it already), waits at
+most ``close_timeout`` for the transport to take it, never waits for the peer's, and then
+closes the transport; under ``trio.aclose_forcefully`` nothing is sent.
 """
 
 from __future__ import annotations
