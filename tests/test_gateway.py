@@ -256,6 +256,27 @@ async def test_a_lock_ends_a_live_session_within_a_second(env: Env) -> None:
         assert exc.value.code is ErrorCode.IDENTITY_LOCKED
 
 
+async def test_a_lock_written_by_another_process_applies_within_a_second(env: Env) -> None:
+    # an admin tool with its own connection to the state store: the gateway learns of the
+    # lock from the store's lock version (polled), not from its in-process counter
+    other = SqliteStateStore.open(env.config.gateway.state_dir)
+    try:
+        other.add_lock(LockSpec(kind=LockKind.IDENTITY, value="dev/olga", reason="elsewhere",
+                                created_by="dev/admin"), now=dt.datetime.now().timestamp())
+    finally:
+        other.close()
+    assert env.store.lock_changes == 0
+    with trio.fail_after(3):
+        while True:
+            try:
+                async with env.connect("olga") as c:
+                    await c.ping()
+            except IdentityRefused as exc:
+                assert exc.code is ErrorCode.IDENTITY_LOCKED
+                break
+            await trio.sleep(0.1)
+
+
 async def test_upstream_down(nursery: trio.Nursery, tmp_path: Path) -> None:
     env = await _env(nursery, tmp_path, upstream_port=9)
     with pytest.raises(ConnectionFailed) as exc:

@@ -13,8 +13,10 @@ run ``run_cwp_session`` / ``run_tcp_session`` with a ``SessionControl`` in the r
 
 Everything a connection needs from the configuration is read from one immutable
 ``GatewayState`` snapshot, which ``reload`` replaces atomically (a broken configuration
-or certificate keeps the old state). A watcher polls the state store's lock version and
-ends the live sessions a new lock covers within a second. ``drain`` stops accepting,
+or certificate keeps the old state). Locks are checked from an in-memory view: a lock
+added or removed through the same store object (the control API in this process) makes
+the next connection re-read it, and a watcher polls the store's lock version (changes by
+other processes) and ends the live sessions a new lock covers within a second. ``drain`` stops accepting,
 sends GOAWAY to every session and ends what is left at the deadline.
 """
 
@@ -228,6 +230,8 @@ class _LockView:
     version: int = -1
     locks: Any = None
     refreshed: float = field(default=0.0)
+    #: the store's in-process ``lock_changes`` this view has seen
+    local_changes: int = 0
 
 
 class Gateway:
@@ -419,7 +423,10 @@ class Gateway:
         sni = getattr(tls.ssl_object, "l4proxy_sni", None)
         current = state.listeners.get(listener_name)
         target = route(current.config, state.targets, sni) if current is not None else None
-        await self._refresh_locks()
+        if self.store.lock_changes != self._locks.local_changes:
+            # a lock added or removed in this process (the control API): in force for the
+            # very next connection; other processes' changes arrive through the watcher
+            await self._refresh_locks(force=True)
         locks = self._locks.locks
         try:
             if not der:
@@ -526,6 +533,8 @@ class Gateway:
         hooks = SessionHooks.default()
         hooks.observer = _Observers(observers)
         ctx = state.upstream_contexts.get(target.name)
+        connect_upstream = functools.partial(open_upstream, target, ctx,
+                                             read_size=state.config.limits.read_size)
         reason = "error"
         trailer = None
         try:
@@ -535,13 +544,13 @@ class Gateway:
                 if target.protocol is TargetProtocol.CWP:
                     reason = await run_cwp_session(
                         info, tls, target=target, limits=state.config.limits,
-                        open_upstream=lambda: open_upstream(target, ctx),
+                        open_upstream=connect_upstream,
                         read_credential=lambda: read_credential(target), hooks=hooks,
                         control=control)
                 else:
                     reason = await run_tcp_session(
                         info, tls, limits=state.config.limits,
-                        open_upstream=lambda: open_upstream(target, ctx), hooks=hooks,
+                        open_upstream=connect_upstream, hooks=hooks,
                         control=control)
                 inner.cancel_scope.cancel()
             if recording is not None:
@@ -615,12 +624,14 @@ class Gateway:
         """Re-read the active locks when their version changed (or periodically)."""
         view = self._locks
         now = time.time()
+        changes = self.store.lock_changes
         version = await self.store.locks_version()
         if not force and version == view.version and now - view.refreshed < LOCK_REFRESH:
             return False
         view.locks = await self.store.active_locks(now=now)
         view.version = version
         view.refreshed = now
+        view.local_changes = changes
         return True
 
     async def _audit_flusher(self) -> None:

@@ -36,6 +36,10 @@ class AsyncStateStore:
     def __init__(self, store: StateStore, *, limiter: trio.CapacityLimiter | None = None) -> None:
         self._store = store
         self._limiter = trio.CapacityLimiter(1) if limiter is None else limiter
+        #: bumped after every lock added or removed through this object: code sharing it
+        #: (the gateway beside the control API) sees its own process's lock changes
+        #: without a query; other processes' changes show in :meth:`locks_version`
+        self.lock_changes = 0
 
     @property
     def store(self) -> StateStore:
@@ -85,7 +89,10 @@ class AsyncStateStore:
 
     async def add_lock(self, lock: LockSpec, *, now: float) -> Lock:
         """See :meth:`StateStore.add_lock`."""
-        return await self._run(functools.partial(self._store.add_lock, lock, now=now))
+        try:
+            return await self._run(functools.partial(self._store.add_lock, lock, now=now))
+        finally:
+            self.lock_changes += 1  # also when the outcome is unknown (e.g. cancelled)
 
     async def list_locks(self, *, now: float) -> list[Lock]:
         """See :meth:`StateStore.list_locks`."""
@@ -97,7 +104,10 @@ class AsyncStateStore:
 
     async def remove_lock(self, lock_id: str) -> bool:
         """See :meth:`StateStore.remove_lock`."""
-        return await self._run(functools.partial(self._store.remove_lock, lock_id))
+        try:
+            return await self._run(functools.partial(self._store.remove_lock, lock_id))
+        finally:
+            self.lock_changes += 1
 
     async def active_locks(self, *, now: float) -> LockSet:
         """See :meth:`StateStore.active_locks`."""
