@@ -65,6 +65,8 @@ from typing import Any, Literal, cast, overload
 import trio
 from cryptography import x509
 
+from l4proxy._sync import SendLock
+
 __all__ = [
     "AEAD_CIPHERS_TLS12",
     "BIO_SLICE",
@@ -191,7 +193,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
         self._state = _State.OK
         self._handshake_done = False
         self._handshake_lock = trio.Lock()
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = SendLock()  # no scheduler pass per send when free
         self._recv_guard = _Guard("receiving")
         self._send_guard = _Guard("sending")
         self._ct: memoryview | None = None  # ciphertext read but not yet fed to the BIO

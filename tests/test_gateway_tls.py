@@ -41,6 +41,8 @@ from l4proxy.gateway._upstream import open_upstream, upstream_ssl_context
 from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identity, identity_uri, init_ca
 from l4proxy.tls import TlsHandshakeError, TlsStream, server_context
 
+from .test_tls import _receive_exactly
+
 TD = "test.l4proxy"
 ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
 BOB = Identity(provider="github", subject="bob", groups=("ops",))
@@ -171,18 +173,6 @@ def _recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, sizes: list[int] | None = None) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some()
-        if not chunk:
-            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        if sizes is not None:
-            sizes.append(len(chunk))
         buf += chunk
     return bytes(buf)
 

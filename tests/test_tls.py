@@ -106,7 +106,7 @@ def _server_stream(kind: ServerKind, tcp: trio.SocketStream, ctx: ssl.SSLContext
 async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, sizes: list[int] | None = None) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = await stream.receive_some()
+        chunk = await stream.receive_some(n - len(buf))  # never past n: more may follow
         if not chunk:
             raise EOFError(f"EOF after {len(buf)} of {n} bytes")
         if sizes is not None:

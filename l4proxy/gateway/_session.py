@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from l4proxy._sync import SendLock
 from l4proxy.config import ClientCredentials, LimitsConfig, TargetConfig
 from l4proxy.wire import (
     NEED_DATA,
@@ -155,27 +156,6 @@ def _seconds_until(moment: datetime) -> float:
     return (moment - datetime.now(UTC)).total_seconds()
 
 
-class _SendLock:
-    """Keeps one side's codec order and socket order the same. Unlike ``trio.Lock`` it
-    costs nothing when free (``trio.Lock`` yields to the scheduler on every acquire, twice
-    per relayed frame); the send that follows is the checkpoint."""
-
-    __slots__ = ("_held", "_waiters")
-
-    def __init__(self) -> None:
-        self._held = False
-        self._waiters = trio.lowlevel.ParkingLot()
-
-    async def __aenter__(self) -> None:
-        while self._held:
-            await self._waiters.park()
-        self._held = True
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._held = False
-        self._waiters.unpark()
-
-
 class _Activity:
     def __init__(self) -> None:
         self.last = time.monotonic()
@@ -201,8 +181,8 @@ class _CwpSession:
         self.down = Connection(Role.SERVER, max_read=limits.read_size)
         self.up: Connection | None = None
         self.upstream: trio.abc.Stream | None = None
-        self.client_lock = _SendLock()
-        self.up_lock = _SendLock()
+        self.client_lock = SendLock()
+        self.up_lock = SendLock()
         self.activity = _Activity()
         self.goaway_code: ErrorCode | None = None
         self.goaway_last = 0
