@@ -134,3 +134,16 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps (wake-ups) of the tasks whose name contains ``name``; install with
+    ``trio.lowlevel.add_instrument``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.name in task.name:
+            self.steps += 1

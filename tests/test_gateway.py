@@ -38,7 +38,7 @@ from l4proxy.identity import CertificateAuthority, Identity, init_ca
 from l4proxy.store import AsyncStateStore, LockKind, LockSpec, SqliteStateStore
 from l4proxy.wire import ErrorCode, NoticeKind
 
-from .conftest import ChunkdHandle, start_chunkd, write_private
+from .conftest import ChunkdHandle, TaskSteps, start_chunkd, write_private
 
 TRUST = "gw.test"
 
@@ -372,6 +372,22 @@ async def test_drain_sends_goaway_then_ends_sessions(env: Env) -> None:
         assert c.goaway.code is ErrorCode.SHUTTING_DOWN
         with pytest.raises(ClientError):
             await c.ping()
+
+
+async def test_a_quiet_session_does_not_wake_up_every_second(env: Env) -> None:
+    counter = TaskSteps("session.timers")
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with env.connect("quinn") as c:
+            await c.ping()
+            await trio.sleep(0.1)
+            before = counter.steps
+            assert before > 0  # the counter sees the session's timer task
+            await trio.sleep(2.5)  # the idle timeout and the certificate are far away
+            assert counter.steps == before
+            assert "time" in await c.ping()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
 
 
 async def test_idle_sessions_are_closed(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from l4proxy.identity import load_recording_keyring
 from l4proxy.store import SessionRecord
 from l4proxy.wire import ErrorCode
 
+from .conftest import TaskSteps
 from .test_gateway import Env, _close_after_everything, _env  # noqa: F401
 
 
@@ -239,22 +240,10 @@ def _dump_sha(path: Path, keyring: Any) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-class _StepCounter(trio.abc.Instrument):
-    """Counts the steps of tasks whose name contains ``name``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if self.name in task.name:
-            self.steps += 1
-
-
 async def test_an_idle_session_costs_the_recorder_no_wakeups(nursery: trio.Nursery,
                                                              tmp_path: Path) -> None:
     env = await _recorded_env(nursery, tmp_path, flush_interval=0.05, fsync_interval=0.2)
-    counter = _StepCounter("SessionRecorder.run")
+    counter = TaskSteps("SessionRecorder.run")
     trio.lowlevel.add_instrument(counter)
     try:
         async with env.connect("ida") as c:

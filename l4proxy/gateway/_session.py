@@ -94,7 +94,7 @@ log = logging.getLogger("l4proxy.gateway.session")
 
 #: what the gateway calls itself in WELCOME
 GATEWAY_NAME = "l4proxy"
-#: how often the idle watchdog looks (seconds)
+#: how often the idle watchdog looks again while a quiet session has a request pending
 _WATCHDOG_INTERVAL = 1.0
 #: the longest a GOAWAY or the final ERROR may wait to be sent (a client that does not
 #: read gets no more time than this)
@@ -343,10 +343,8 @@ class _CwpSession:
                     done.append("client connection lost")
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(guard, self.client_pump)
-            nursery.start_soon(guard, self.upstream_pump)
-            nursery.start_soon(guard, self.timers)
-            nursery.start_soon(guard, self.commands)
+            for fn in (self.client_pump, self.upstream_pump, self.timers, self.commands):
+                nursery.start_soon(guard, fn, name=f"session.{fn.__name__}")
         if self.final is not None:
             code, message = self.final
             await self.goaway(code, message)
@@ -559,13 +557,19 @@ class _CwpSession:
                         pass
                 await self.goaway(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expires soon")
             idle_for = time.monotonic() - self.activity.last
-            if idle_for >= self.limits.idle_timeout and self.down.pending == 0:
-                return "idle timeout"
+            if idle_for >= self.limits.idle_timeout:
+                if self.down.pending == 0:
+                    return "idle timeout"
+                idle_wake = _WATCHDOG_INTERVAL  # quiet, but a request is pending: look again
+            else:
+                idle_wake = self.limits.idle_timeout - idle_for + 0.01
+            # sleep until the next deadline, not a tick: thousands of idle sessions must
+            # not wake up every second (activity moves the idle deadline; the wake-up at
+            # the old one just sleeps again)
             wake = min(end_at, max_end) - now
             if not warned:
                 wake = min(wake, notice_at - now)
-            await trio.sleep(max(0.0, min(wake, _WATCHDOG_INTERVAL,
-                                          self.limits.idle_timeout - idle_for + 0.01)))
+            await trio.sleep(max(0.0, min(wake, idle_wake)))
 
     async def commands(self) -> str:
         async for kind, code, message in await self.control.commands():
@@ -674,10 +678,12 @@ async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits:
                     if now >= end_at:
                         reason = "certificate expired or maximum session length"
                         break
-                    if time.monotonic() - activity.last >= limits.idle_timeout:
+                    idle_for = time.monotonic() - activity.last
+                    if idle_for >= limits.idle_timeout:
                         reason = "idle timeout"
                         break
-                    await trio.sleep(min(end_at - now, _WATCHDOG_INTERVAL))
+                    # the next deadline, not a tick (see _CwpSession.timers)
+                    await trio.sleep(min(end_at - now, limits.idle_timeout - idle_for + 0.01))
                 nursery.cancel_scope.cancel()
 
             async def commands() -> None:
