@@ -292,12 +292,16 @@ class RecordingWriter:
             with self._lock:
                 self._check_open()
             return
-        view = memoryview(data).cast("B")
+        if type(data) is bytes and len(data) <= MAX_DATA_PER_RECORD:
+            pieces: list[bytes] = [data]  # immutable already: kept as is, not copied
+        else:
+            view = memoryview(data).cast("B")
+            pieces = [bytes(view[start:start + MAX_DATA_PER_RECORD])
+                      for start in range(0, len(view), MAX_DATA_PER_RECORD)]
         with self._lock:
             self._check_open()
             now = self._now()
-            for start in range(0, len(view), MAX_DATA_PER_RECORD):
-                piece = bytes(view[start:start + MAX_DATA_PER_RECORD])
+            for piece in pieces:
                 self._pending.append(_Pending(kind, self._next_index, now, piece))
                 self._next_index += 1
                 self._pending_bytes += len(piece) + _RECORD_OVERHEAD
