@@ -343,7 +343,7 @@ class _CwpSession:
                     done.append("client connection lost")
                 nursery.cancel_scope.cancel()
 
-            for fn in (self.client_pump, self.upstream_pump, self.timers, self.commands):
+            for fn in (self.client_pump, self.upstream_pump, self.timers):
                 nursery.start_soon(guard, fn, name=f"session.{fn.__name__}")
         if self.final is not None:
             code, message = self.final
@@ -528,6 +528,10 @@ class _CwpSession:
                 pass
 
     async def timers(self) -> str:
+        """The session's deadlines (certificate expiry and its notice, maximum length,
+        idle timeout) and the gateway's commands (lock, reload, drain), in one task: a
+        held session costs one sleeping task here, not two."""
+        commands = await self.control.commands()
         not_after = self.info.not_after
         notice_at = _seconds_until(not_after) - self.limits.expiry_notice
         end_at = _seconds_until(not_after) + self.limits.expiry_grace
@@ -569,16 +573,16 @@ class _CwpSession:
             wake = min(end_at, max_end) - now
             if not warned:
                 wake = min(wake, notice_at - now)
-            await trio.sleep(max(0.0, min(wake, idle_wake)))
-
-    async def commands(self) -> str:
-        async for kind, code, message in await self.control.commands():
-            if kind == "goaway":
-                await self.goaway(code, message)
-            else:
-                self.final = (code, message)  # sent by run() once the pumps have stopped
-                return f"ended by the gateway: {code.name}"
-        return "control closed"
+            command = None
+            with trio.move_on_after(max(0.0, min(wake, idle_wake))):
+                command = await commands.receive()
+            if command is not None:  # acted on outside the timeout's scope
+                kind, code, message = command
+                if kind == "goaway":
+                    await self.goaway(code, message)
+                else:
+                    self.final = (code, message)  # sent by run() once the pumps have stopped
+                    return f"ended by the gateway: {code.name}"
 
 
 async def run_cwp_session(info: SessionInfo, client: trio.abc.Stream, *, target: TargetConfig,
