@@ -8,8 +8,10 @@ into one zstd frame and appends it to the session's file at least every
 and signing run in worker threads with one compressor per thread (shared by every
 session), never on the event loop and never a compressor per session; the file is opened
 for each flush and closed again, so an idle session holds neither a compressor nor an
-open file. When a session has ``max_pending_bytes`` waiting it flushes before taking more,
-so a slow disk slows the session down and no record is dropped. Any write failure ends
+open file. A busy session's flusher starts early, once a quarter of ``max_pending_bytes`` is
+waiting, so compression overlaps the relaying; when a session has ``max_pending_bytes``
+waiting it flushes before taking more, so a slow disk slows the session down and no
+record is dropped. Any write failure ends
 the session with RECORDING_FAILED (fail closed).
 """
 
@@ -101,6 +103,8 @@ class SessionRecorder:
         self._write_lock = trio.Lock()
         #: set when records are added; the flusher waits on it
         self._wake = trio.Event()
+        #: set when a quarter of ``max_pending_bytes`` is waiting: flush before the interval
+        self._hurry = trio.Event()
         #: bytes were written since the last fsync
         self._unsynced = False
         self._last_fsync = time.monotonic()
@@ -133,8 +137,12 @@ class SessionRecorder:
             self._reported = True
             raise RecordingFailed(self.failed)
         writer = self.writer
-        if writer is not None and writer.pending_bytes >= self.recorder.config.max_pending_bytes:
-            await self.flush()
+        if writer is not None:
+            pending, limit = writer.pending_bytes, self.recorder.config.max_pending_bytes
+            if pending >= limit // 4:
+                self._hurry.set()  # the flusher starts now, while the session goes on
+            if pending >= limit:
+                await self.flush()  # the disk or the compressor cannot keep up: wait
 
     async def client_bytes(self, data: bytes) -> None:
         self._writer().add_to_gateway(data)
@@ -264,7 +272,9 @@ class SessionRecorder:
                 else:
                     await self._wake.wait()
                 self._wake = trio.Event()
-                await trio.sleep(config.flush_interval)
+                with trio.move_on_after(config.flush_interval):
+                    await self._hurry.wait()
+                self._hurry = trio.Event()
                 await self.flush()
         except RecordingFailed as exc:
             self.control.end(ErrorCode.RECORDING_FAILED, str(exc))
