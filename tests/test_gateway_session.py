@@ -944,3 +944,30 @@ async def test_tcp_session_ends_when_the_certificate_expires(nursery: trio.Nurse
     assert await _read_until_eof(client) == GREETING  # then a clean close
     assert await h.ended() == "certificate expired or maximum session length"
     assert 0.5 <= time.monotonic() - start <= 1.6
+
+
+async def test_session_control_keeps_the_end_behind_any_number_of_goaways() -> None:
+    control = SessionControl()
+    with trio.move_on_after(0.05) as idle:
+        await control.receive()  # nothing posted: waits
+    assert idle.cancelled_caught
+    for i in range(100):  # reloads, drains: bounded, and only the first is delivered
+        control.goaway(ErrorCode.DENIED_BY_POLICY, f"reload {i}")
+    assert await control.receive() == ("goaway", ErrorCode.DENIED_BY_POLICY, "reload 0")
+    control.end(ErrorCode.IDENTITY_LOCKED, "locked")
+    control.end(ErrorCode.SHUTTING_DOWN, "later")
+    for _ in range(2):  # the first END, every time it is asked for
+        assert await control.receive() == ("end", ErrorCode.IDENTITY_LOCKED, "locked")
+
+    waiting = SessionControl()
+    got: list[tuple[str, ErrorCode, str]] = []
+
+    async def receiver() -> None:
+        got.append(await waiting.receive())
+
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            await trio.sleep(0.01)
+            waiting.end(ErrorCode.CERTIFICATE_EXPIRED, "expired")  # wakes the waiter
+    assert got == [("end", ErrorCode.CERTIFICATE_EXPIRED, "expired")]

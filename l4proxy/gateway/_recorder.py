@@ -90,6 +90,10 @@ class SessionRecorder:
     """One session's recording; a ``SessionObserver``. Call :meth:`run` in a task beside
     the session (it flushes) and :meth:`finish` after the session has ended."""
 
+    __slots__ = ("_created", "_hurry", "_last_fsync", "_reported", "_unsynced", "_wake", "_write_lock",
+                 "control", "early_events", "failed", "info", "path", "recorder", "redactions",
+                 "trailer", "writer")
+
     def __init__(self, recorder: Recorder, info: SessionInfo, control: SessionControl) -> None:
         self.recorder = recorder
         self.info = info

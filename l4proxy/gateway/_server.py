@@ -168,6 +168,8 @@ class _AuditObserver:
     redactions and GOAWAYs to the audit log. Request lines are held and flushed in batches
     (``AuditLog.write(flush=False)``); every other line is flushed at once."""
 
+    __slots__ = ("_request", "audit", "info")
+
     def __init__(self, audit: AuditLog, info: SessionInfo) -> None:
         self.audit = audit
         self.info = info
@@ -689,6 +691,8 @@ _PUBLIC = {
 class _SessionStats:
     """Per-session totals for the session index."""
 
+    __slots__ = ("denials", "requests", "to_client", "to_gateway")
+
     def __init__(self) -> None:
         self.to_gateway = 0
         self.to_client = 0
@@ -714,6 +718,8 @@ class _SessionStats:
 class _ByteCounter:
     """Counts client bytes in both directions (no identities in metric labels)."""
 
+    __slots__ = ("received", "sent")
+
     def __init__(self, received: Any, sent: Any) -> None:
         self.received = received
         self.sent = sent
@@ -733,6 +739,8 @@ class _ByteCounter:
 
 class _Observers:
     """Several observers as one."""
+
+    __slots__ = ("observers",)
 
     def __init__(self, observers: list[SessionObserver]) -> None:
         self.observers = observers

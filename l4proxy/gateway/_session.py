@@ -129,27 +129,42 @@ class SessionHooks:
 
 
 class SessionControl:
-    """How the gateway talks to a live session from outside (lock, reload, drain)."""
+    """How the gateway talks to a live session from outside (lock, reload, drain).
+
+    Holds at most one GOAWAY and one END (a session sends GOAWAY once, and ends once), so
+    it is bounded without ever dropping an END behind a pile of GOAWAYs; END wins."""
+
+    __slots__ = ("_end", "_goaway", "_goaway_taken", "_posted")
 
     def __init__(self) -> None:
-        self._send, self._recv = trio.open_memory_channel[tuple[str, ErrorCode, str]](8)
+        self._goaway: tuple[str, ErrorCode, str] | None = None
+        self._goaway_taken = False
+        self._end: tuple[str, ErrorCode, str] | None = None
+        self._posted = trio.Event()
 
     def goaway(self, code: ErrorCode, message: str) -> None:
         """Ask the client to finish in-flight requests and go (CWP); TCP sessions end."""
-        self._post(("goaway", code, message))
+        if self._goaway is None:
+            self._goaway = ("goaway", code, message)
+            self._posted.set()
 
     def end(self, code: ErrorCode, message: str) -> None:
         """End the session now (GOAWAY and ERROR for CWP clients, then close)."""
-        self._post(("end", code, message))
+        if self._end is None:
+            self._end = ("end", code, message)
+            self._posted.set()
 
-    def _post(self, command: tuple[str, ErrorCode, str]) -> None:
-        try:
-            self._send.send_nowait(command)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # a session that is already ending, or flooded with commands, ends anyway
-
-    async def commands(self) -> trio.MemoryReceiveChannel[tuple[str, ErrorCode, str]]:
-        return self._recv
+    async def receive(self) -> tuple[str, ErrorCode, str]:
+        """The next command: ("end" | "goaway", code, message); END is returned again
+        and again once posted, a GOAWAY once."""
+        while True:
+            if self._end is not None:
+                return self._end
+            if self._goaway is not None and not self._goaway_taken:
+                self._goaway_taken = True
+                return self._goaway
+            await self._posted.wait()
+            self._posted = trio.Event()
 
 
 def _seconds_until(moment: datetime) -> float:
@@ -157,6 +172,8 @@ def _seconds_until(moment: datetime) -> float:
 
 
 class _Activity:
+    __slots__ = ("last",)
+
     def __init__(self) -> None:
         self.last = time.monotonic()
 
@@ -165,6 +182,10 @@ class _Activity:
 
 
 class _CwpSession:
+    __slots__ = ("_held", "activity", "client", "client_lock", "control", "down", "final", "goaway_code",
+                 "goaway_last", "hooks", "info", "limits", "max_hold_seconds", "open_upstream",
+                 "read_credential", "said_goodbye", "tag", "target", "up", "up_lock", "upstream")
+
     def __init__(self, info: SessionInfo, client: trio.abc.Stream, *, target: TargetConfig,
                  limits: LimitsConfig, open_upstream: OpenUpstream,
                  read_credential: Callable[[], str], hooks: SessionHooks,
@@ -531,7 +552,6 @@ class _CwpSession:
         """The session's deadlines (certificate expiry and its notice, maximum length,
         idle timeout) and the gateway's commands (lock, reload, drain), in one task: a
         held session costs one sleeping task here, not two."""
-        commands = await self.control.commands()
         not_after = self.info.not_after
         notice_at = _seconds_until(not_after) - self.limits.expiry_notice
         end_at = _seconds_until(not_after) + self.limits.expiry_grace
@@ -575,7 +595,7 @@ class _CwpSession:
                 wake = min(wake, notice_at - now)
             command = None
             with trio.move_on_after(max(0.0, min(wake, idle_wake))):
-                command = await commands.receive()
+                command = await self.control.receive()
             if command is not None:  # acted on outside the timeout's scope
                 kind, code, message = command
                 if kind == "goaway":
@@ -692,9 +712,8 @@ async def run_tcp_session(info: SessionInfo, client: trio.abc.Stream, *, limits:
 
             async def commands() -> None:
                 nonlocal reason
-                async for _kind, code, _message in await control.commands():
-                    reason = f"ended by the gateway: {code.name}"
-                    break
+                _kind, code, _message = await control.receive()
+                reason = f"ended by the gateway: {code.name}"
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(both)
