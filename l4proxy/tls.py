@@ -59,6 +59,7 @@ from __future__ import annotations
 import enum
 import os
 import ssl
+import threading
 from types import TracebackType
 from typing import Any, Literal, cast, overload
 
@@ -137,6 +138,19 @@ class _Guard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._busy = False
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(size: int) -> bytearray:
+    """This thread's decryption buffer, at least ``size`` bytes. ``_read_plaintext`` fills
+    it and copies the plaintext out without yielding in between, so every stream of a
+    thread can share it."""
+    buf: bytearray | None = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch_local.buf = bytearray(size)
+    return buf
 
 
 def _reason(exc: ssl.SSLError) -> str:
@@ -397,7 +411,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
 
     # --- receiving -----------------------------------------------------------------------
 
-    def _read_plaintext(self, max_bytes: int) -> bytes | bytearray | None:
+    def _read_plaintext(self, max_bytes: int) -> bytes | None:
         """Decrypt what is buffered, up to ``max_bytes``.
 
         Returns:
@@ -408,15 +422,17 @@ class TlsStream(trio.abc.HalfCloseableStream):
         available = sslobj.pending() + self._incoming.pending + ct_left
         if not available and not self._transport_eof:
             return None
-        # plaintext never exceeds the ciphertext it came from; 1 byte probes an EOF
-        out = bytearray(max(1, min(max_bytes, available)))
-        view = memoryview(out)
+        # plaintext never exceeds the ciphertext it came from; 1 byte probes an EOF.
+        # Decrypted into this thread's scratch buffer and copied out once as bytes: no
+        # zero-filled buffer per read, and no idle stream holds a buffer of its own.
+        want = max(1, min(max_bytes, available))
+        view = memoryview(_scratch(want))[:want]
         n = 0
         try:
-            while n < len(out):
+            while n < want:
                 try:
                     # with a buffer, read() returns a count (typeshed says bytes)
-                    k = cast(int, sslobj.read(len(out) - n, view[n:]))
+                    k = cast(int, sslobj.read(want - n, view[n:]))
                 except ssl.SSLWantReadError:
                     if self._feed():
                         continue
@@ -437,13 +453,13 @@ class TlsStream(trio.abc.HalfCloseableStream):
             self._state = _State.BROKEN
             raise trio.BrokenResourceError(f"TLS error: {_reason(exc)}") from exc
         finally:
+            out = bytes(view[:n]) if n else b""  # also after a ragged EOF (handled above)
             view.release()
         if n:
-            del out[n:]
             return out
         return b"" if self._recv_eof else None
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Return the plaintext available now (waiting for some if there is none).
 
         Reads up to ``read_size`` ciphertext at a time and returns all the plaintext it
