@@ -399,6 +399,29 @@ def test_split_with_bytes_and_bytearray_reads(who: Role, data: st.DataObject) ->
     assert normalise(replay(who, chunks)) == normalise(conversation().received[who])
 
 
+@pytest.mark.parametrize("kinds", [(bytes, bytes), (bytes, bytearray), (bytearray, bytes)])
+def test_reads_fed_before_draining_keep_their_order(kinds: tuple[type, type]) -> None:
+    # receive_data() may be called again before next_event() drained the last read (within
+    # the buffer limit): a read kept in place must stay ahead of the newer one
+    client, server = open_pair()
+    put = Request(request_id=1, op=Op.PUT, args={"bucket": "b", "key": "k", "size": 20})
+    assert feed(server, client.send(put)) == [put]
+    client.receive_data(server.send(Continue(request_id=1)))
+    assert drain(client) == [Continue(request_id=1)]
+    stream = client.send(Data(request_id=1, data=b"a" * 20, end_stream=True)) + \
+        client.send(Request(request_id=2, op=Op.PING))
+    header = wire.HEADER_SIZE
+    first, middle, last = stream[: header + 5], stream[header + 5: header + 30], stream[header + 30:]
+    assert [(type(e), len(e.data)) for e in feed(server, first) if isinstance(e, Data)] == \
+        [(Data, 5)]
+    server.receive_data(kinds[0](middle))  # the rest of the payload and half a REQUEST
+    server.receive_data(kinds[1](last))  # the other half, before draining
+    events = drain(server)
+    assert events == [Data(request_id=1, data=b"a" * 15, end_stream=True),
+                      Request(request_id=2, op=Op.PING)]
+    assert server.buffered == 0
+
+
 def test_reads_inside_a_data_payload_are_handed_out_without_a_copy() -> None:
     client, server = open_pair()
     size = 3 * 1000 + 10

@@ -323,6 +323,9 @@ class Connection:
             self._direct = data
             self._dpos = 0
             return
+        if self._direct is not None:  # fed again before draining: keep the byte order
+            self._buf += memoryview(self._direct)[self._dpos:]
+            self._direct = None
         self._buf += data
 
     def next_event(self) -> Event | NeedData:
