@@ -5,7 +5,9 @@ which bytes were produced (by a codec or an ``SSLObject``) the order in which th
 sent. ``trio.Lock`` yields to the scheduler on every acquire even when it is free; on the
 data path that is one more scheduler pass per relayed frame, for a lock that is almost
 never contended. This one costs nothing when free and parks the task when it is not. It
-is not a checkpoint: callers send right after taking it, and the send is.
+does not yield to the scheduler (callers send right after taking it, and the send does),
+but it is a cancel point: a cancelled task never takes it, so nothing is encoded, and
+shown to a recorder, that will not be sent.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class SendLock:
         return self._held
 
     async def __aenter__(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # no scheduler pass unless cancelled
         while self._held:
             await self._waiters.park()
         self._held = True

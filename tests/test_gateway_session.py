@@ -959,6 +959,19 @@ async def test_session_control_keeps_the_end_behind_any_number_of_goaways() -> N
     for _ in range(2):  # the first END, every time it is asked for
         assert await control.receive() == ("end", ErrorCode.IDENTITY_LOCKED, "locked")
 
+    # an END cancels what the command task registered as interruptible
+    control = SessionControl()
+    with trio.CancelScope() as sends:
+        control.interrupt_on_end(sends)
+        control.end(ErrorCode.IDENTITY_LOCKED, "locked")
+        await trio.sleep(10)  # a stalled send, cut short
+    assert sends.cancelled_caught
+    control.interrupt_on_end(None)
+    with trio.CancelScope() as late:  # registered after the END: cancelled at once
+        control.interrupt_on_end(late)
+        await trio.sleep(10)
+    assert late.cancelled_caught
+
     waiting = SessionControl()
     got: list[tuple[str, ErrorCode, str]] = []
 

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trio.testing
 
 from l4proxy._sync import SendLock
 
 
-async def test_a_free_lock_is_taken_without_a_checkpoint() -> None:
+async def test_a_free_lock_is_taken_without_yielding_to_the_scheduler() -> None:
     lock = SendLock()
-    with trio.testing.assert_no_checkpoints():
+    order: list[str] = []
+
+    async def other() -> None:
+        order.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # runnable: any scheduler pass would run it first
         async with lock:
             assert lock.locked()
+            order.append("locked")
+    assert order == ["locked", "other"]
     assert not lock.locked()
+
+
+async def test_a_cancelled_task_does_not_take_the_lock() -> None:
+    lock = SendLock()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:
+            pytest.fail("a cancelled task took the lock")
+    assert scope.cancelled_caught and not lock.locked()
 
 
 async def test_holders_never_overlap_and_every_waiter_gets_its_turn() -> None:

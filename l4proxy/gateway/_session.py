@@ -134,13 +134,22 @@ class SessionControl:
     Holds at most one GOAWAY and one END (a session sends GOAWAY once, and ends once), so
     it is bounded without ever dropping an END behind a pile of GOAWAYs; END wins."""
 
-    __slots__ = ("_end", "_goaway", "_goaway_taken", "_posted")
+    __slots__ = ("_end", "_goaway", "_goaway_taken", "_interrupt", "_posted")
 
     def __init__(self) -> None:
         self._goaway: tuple[str, ErrorCode, str] | None = None
         self._goaway_taken = False
         self._end: tuple[str, ErrorCode, str] | None = None
         self._posted = trio.Event()
+        #: cancelled by end(): what the session's command task does besides waiting
+        self._interrupt: trio.CancelScope | None = None
+
+    def interrupt_on_end(self, scope: trio.CancelScope | None) -> None:
+        """Have :meth:`end` cancel ``scope`` (None: nothing), so that an END is not kept
+        waiting behind the command task's other work."""
+        self._interrupt = scope
+        if scope is not None and self._end is not None:
+            scope.cancel()
 
     def goaway(self, code: ErrorCode, message: str) -> None:
         """Ask the client to finish in-flight requests and go (CWP); TCP sessions end."""
@@ -153,6 +162,8 @@ class SessionControl:
         if self._end is None:
             self._end = ("end", code, message)
             self._posted.set()
+            if self._interrupt is not None:
+                self._interrupt.cancel()
 
     async def receive(self) -> tuple[str, ErrorCode, str]:
         """The next command: ("end" | "goaway", code, message); END is returned again
@@ -571,15 +582,22 @@ class _CwpSession:
             if not warned and now >= notice_at:
                 warned = True
                 left = max(0, round(end_at - now))
-                with trio.move_on_after(_GOODBYE_TIMEOUT):
-                    try:
-                        await self.to_client(Notice(request_id=0, kind=NoticeKind.EXPIRING,
-                                                    message=f"certificate expires in {left} s; "
-                                                            "log in again and reconnect",
-                                                    expires_at=not_after.timestamp()))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-                await self.goaway(ErrorCode.CERTIFICATE_EXPIRED, "the client certificate expires soon")
+                # a client that does not read makes these sends wait (bounded); an END
+                # from the gateway (a lock) cuts them short
+                with trio.CancelScope() as sends:
+                    self.control.interrupt_on_end(sends)
+                    with trio.move_on_after(_GOODBYE_TIMEOUT):
+                        try:
+                            await self.to_client(Notice(
+                                request_id=0, kind=NoticeKind.EXPIRING,
+                                message=f"certificate expires in {left} s; log in again and "
+                                        "reconnect", expires_at=not_after.timestamp()))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                    await self.goaway(ErrorCode.CERTIFICATE_EXPIRED,
+                                      "the client certificate expires soon")
+                self.control.interrupt_on_end(None)
+                continue  # the sends took time: look at the clock and the commands again
             idle_for = time.monotonic() - self.activity.last
             if idle_for >= self.limits.idle_timeout:
                 if self.down.pending == 0:
@@ -599,7 +617,10 @@ class _CwpSession:
             if command is not None:  # acted on outside the timeout's scope
                 kind, code, message = command
                 if kind == "goaway":
-                    await self.goaway(code, message)
+                    with trio.CancelScope() as sends:  # an END cuts a stalled GOAWAY short
+                        self.control.interrupt_on_end(sends)
+                        await self.goaway(code, message)
+                    self.control.interrupt_on_end(None)
                 else:
                     self.final = (code, message)  # sent by run() once the pumps have stopped
                     return f"ended by the gateway: {code.name}"
