@@ -121,16 +121,26 @@ class AuditLog:
                 self._write_pending()
 
     def _write_pending(self) -> None:
-        lines, self._pending, self._pending_bytes = self._pending, [], 0
-        for line in lines:
-            size = len(line.encode("utf-8"))
-            if self.path is not None and self._size and self._size + size > self.max_bytes:
-                self._rotate(self.path)
-            self._file.write(line)
-            self._size += size
-        self._file.flush()
+        """Write the held lines in order. A line leaves the queue only once written: after
+        an ``OSError`` the rest stay held (for the next flush) and the error is raised."""
+        lines = self._pending
+        done = 0
+        try:
+            for line in lines:
+                size = len(line.encode("utf-8"))
+                if self.path is not None and self._size and self._size + size > self.max_bytes:
+                    self._rotate(self.path)
+                self._file.write(line)
+                self._size += size
+                done += 1
+            self._file.flush()
+        finally:
+            del lines[:done]
+            self._pending_bytes = sum(len(line) for line in lines)
 
     def close(self) -> None:
-        self.flush()
-        if self._owned:
-            self._file.close()
+        try:
+            self.flush()
+        finally:
+            if self._owned:
+                self._file.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,39 @@ def test_time_text_follows_the_clock_across_seconds() -> None:
     assert [rfc3339(t) for t in (0.0, 0.999, 1.0, 86399.5, 86400.0, 0.5)] == [
         "1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z", "1970-01-01T00:00:01Z",
         "1970-01-01T23:59:59Z", "1970-01-02T00:00:00Z", "1970-01-01T00:00:00Z"]
+
+
+class _FailingFile:
+    """A file whose writes fail (a full disk) until ``broken`` is cleared."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.broken = True
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        return int(self.real.write(text))
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_failed_write_keeps_the_held_lines_for_the_next_flush(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    failing = _FailingFile(log._file)
+    log._file = failing
+    log.write("request", {"n": 1}, flush=False)
+    log.write("request", {"n": 2}, flush=False)
+    with pytest.raises(OSError):
+        log.flush()
+    with pytest.raises(OSError):  # a flushed event fails too, and its line is held as well
+        log.write("session_end", {"n": 3})
+    failing.broken = False
+    log.flush()
+    log.close()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -22,6 +22,7 @@ sends GOAWAY to every session and ends what is left at the deadline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import functools
@@ -184,6 +185,14 @@ class _AuditObserver:
 
     def _write_request(self, decision: Mapping[str, Any] | None) -> None:
         request, self._request = self._request, None
+        if decision is not None and (request is None
+                                     or decision.get("request_id") != request.get("request_id")):
+            # not the held request's decision (the session does not do that today): its
+            # own line, so that no decision goes unaudited
+            self.audit.write("session_decision", {
+                "session": self.info.session_id, "identity": self.info.identity.name,
+                **decision}, flush=False)
+            decision = None
         if request is not None:
             self.audit.write("session_request", {
                 "session": self.info.session_id, "identity": self.info.identity.name, **request,
@@ -641,9 +650,14 @@ class Gateway:
         try:
             while True:
                 await trio.sleep(AUDIT_FLUSH_INTERVAL)
-                self.audit.flush()
+                try:
+                    self.audit.flush()
+                except OSError as exc:
+                    # the lines stay held; a session writing while it lasts ends (fail closed)
+                    log.error("cannot write the audit log: %s", exc.strerror or exc)
         finally:
-            self.audit.flush()
+            with contextlib.suppress(OSError):
+                self.audit.flush()
 
     async def _lock_watcher(self) -> None:
         while True:
