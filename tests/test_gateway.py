@@ -277,6 +277,18 @@ async def test_a_lock_written_by_another_process_applies_within_a_second(env: En
             await trio.sleep(0.1)
 
 
+async def test_a_failing_state_store_refuses_connections(env: Env) -> None:
+    # the lock view is too old to trust and cannot be re-read (and the session could not
+    # be indexed either): fail closed
+    async with env.connect("paul") as c:
+        await c.ping()
+    env.store.store.close()  # the state store fails from now on
+    env.gateway._locks.refreshed -= 3600  # as if the watcher had failed for an hour
+    with pytest.raises((ConnectionFailed, ClientError)):
+        async with env.connect("paul") as c:
+            await c.ping()
+
+
 async def test_upstream_down(nursery: trio.Nursery, tmp_path: Path) -> None:
     env = await _env(nursery, tmp_path, upstream_port=9)
     with pytest.raises(ConnectionFailed) as exc:

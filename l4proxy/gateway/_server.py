@@ -62,6 +62,8 @@ log = logging.getLogger("l4proxy.gateway")
 LOCK_POLL = 0.5
 #: how often active locks are re-read anyway (a lock's ``until`` may pass)
 LOCK_REFRESH = 5.0
+#: a lock view older than this is re-read by the connection itself before it is trusted
+LOCK_STALE = 2 * LOCK_REFRESH
 #: accept() errors that mean "out of descriptors or memory": wait and retry
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_RETRY = 0.1
@@ -434,10 +436,15 @@ class Gateway:
         sni = getattr(tls.ssl_object, "l4proxy_sni", None)
         current = state.listeners.get(listener_name)
         target = route(current.config, state.targets, sni) if current is not None else None
-        if self.store.lock_changes != self._locks.local_changes:
+        view = self._locks
+        if self.store.lock_changes != view.local_changes:
             # a lock added or removed in this process (the control API): in force for the
             # very next connection; other processes' changes arrive through the watcher
             await self._refresh_locks(force=True)
+        elif time.time() - view.refreshed > LOCK_STALE:
+            # the watcher has not managed to read the locks for a while (the store fails):
+            # read them here, so that a failure refuses the connection (fail closed)
+            await self._refresh_locks()
         locks = self._locks.locks
         try:
             if not der:

@@ -214,6 +214,8 @@ class SqliteStateStore(StateStore):
     def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        #: synchronous may still be NORMAL after a session-index write (see ``_write``)
+        self._relaxed = False
         self._identity = _create_private_file(self.path)
         try:
             db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
@@ -259,14 +261,21 @@ class SqliteStateStore(StateStore):
             if db is None:
                 raise StoreError(f"{what}: the state store {self.path} is closed")
             try:
+                if durable and self._relaxed:
+                    # a relaxed write could not restore FULL: do it now, or do not write
+                    db.execute("PRAGMA synchronous = FULL")
+                    self._relaxed = False
                 if not durable:
+                    self._relaxed = True
                     db.execute("PRAGMA synchronous = NORMAL")
                 try:
                     with _transaction(db):
                         yield db
                 finally:
                     if not durable:
-                        db.execute("PRAGMA synchronous = FULL")
+                        with contextlib.suppress(sqlite3.Error):  # retried before the next durable write
+                            db.execute("PRAGMA synchronous = FULL")
+                            self._relaxed = False
             except sqlite3.Error as exc:
                 raise _map_error(exc, self.path, what) from exc
 
