@@ -240,10 +240,21 @@ def _dump_sha(path: Path, keyring: Any) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+def _tasks_named(name: str) -> int:
+    """How many tasks of this trio run have ``name`` in their name."""
+    todo = [trio.lowlevel.current_root_task()]
+    found = 0
+    while todo:
+        task = todo.pop()
+        found += name in task.name
+        todo += [t for n in task.child_nurseries for t in n.child_tasks]
+    return found
+
+
 async def test_an_idle_session_costs_the_recorder_no_wakeups(nursery: trio.Nursery,
                                                              tmp_path: Path) -> None:
     env = await _recorded_env(nursery, tmp_path, flush_interval=0.05, fsync_interval=0.2)
-    counter = TaskSteps("SessionRecorder.run")
+    counter = TaskSteps("recording.flusher")
     trio.lowlevel.add_instrument(counter)
     try:
         async with env.connect("ida") as c:
@@ -256,6 +267,7 @@ async def test_an_idle_session_costs_the_recorder_no_wakeups(nursery: trio.Nurse
                 while path.stat().st_size == size:
                     await trio.sleep(0.01)
             await trio.sleep(0.5)  # the flush and the fsync after fsync_interval are done
+            assert _tasks_named("recording.flusher") == 0  # a quiet session holds no task
             before = counter.steps
             await trio.sleep(1.0)  # ten flush intervals of silence
             assert counter.steps == before

@@ -2,17 +2,19 @@
 
 Theory of operation: :class:`Recorder` is shared by all sessions; each session gets a
 :class:`SessionRecorder`, an observer that appends what it sees to a pure
-``replay.RecordingWriter`` (no I/O). A flusher task per session turns the pending records
-into one zstd frame and appends it to the session's file at least every
-``flush_interval``, and fsyncs at least every ``fsync_interval`` and at close. Compression
-and signing run in worker threads with one compressor per thread (shared by every
-session), never on the event loop and never a compressor per session; the file is opened
-for each flush and closed again, so an idle session holds neither a compressor nor an
-open file. A busy session's flusher starts early, once a quarter of ``max_pending_bytes`` is
-waiting, so compression overlaps the relaying; when a session has ``max_pending_bytes``
-waiting it flushes before taking more, so a slow disk slows the session down and no
-record is dropped. Any write failure ends
-the session with RECORDING_FAILED (fail closed).
+``replay.RecordingWriter`` (no I/O). While records arrive, a flusher task (one per busy
+session, in the session's nursery) turns the pending records into one zstd frame and
+appends it to the session's file every ``flush_interval`` -- early, once a quarter of
+``max_pending_bytes`` waits, so compression overlaps the relaying -- and fsyncs at least
+every ``fsync_interval``; once the session is quiet and its last write is fsynced the
+task ends, and the next record starts a new one. Compression and signing run in worker
+threads with one compressor per thread (shared by every session), never on the event
+loop and never a compressor per session; the file is opened for each flush and closed
+again. So a quiet session holds no task, no compressor and no open file. When a session
+has ``max_pending_bytes`` waiting it flushes before taking more, so a slow disk slows the
+session down and no record is dropped. Any write failure ends the session with
+RECORDING_FAILED (fail closed); :meth:`SessionRecorder.finish` writes the trailer and
+fsyncs at the end.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ class Recorder:
 
 
 class SessionRecorder:
-    """One session's recording; a ``SessionObserver``. Call :meth:`run` in a task beside
-    the session (it flushes) and :meth:`finish` after the session has ended."""
+    """One session's recording; a ``SessionObserver``. Call :meth:`start` with the
+    session's nursery when the session starts (flusher tasks run there) and :meth:`finish`
+    after the session has ended."""
 
-    __slots__ = ("_created", "_hurry", "_last_fsync", "_reported", "_unsynced", "_wake", "_write_lock",
-                 "control", "early_events", "failed", "info", "path", "recorder", "redactions",
-                 "trailer", "writer")
+    __slots__ = ("_created", "_flushing", "_hurry", "_last_fsync", "_nursery", "_reported",
+                 "_unsynced", "_wake", "_write_lock", "control", "early_events", "failed", "info",
+                 "path", "recorder", "redactions", "trailer", "writer")
 
     def __init__(self, recorder: Recorder, info: SessionInfo, control: SessionControl) -> None:
         self.recorder = recorder
@@ -111,6 +114,10 @@ class SessionRecorder:
         self._hurry = trio.Event()
         #: bytes were written since the last fsync
         self._unsynced = False
+        #: where flusher tasks run (the session's nursery, from :meth:`start`)
+        self._nursery: trio.Nursery | None = None
+        #: a flusher task is running
+        self._flushing = False
         self._last_fsync = time.monotonic()
         self._created = False
         self._reported = False
@@ -135,6 +142,7 @@ class SessionRecorder:
 
     async def _backpressure(self) -> None:
         self._wake.set()
+        self._kick()
         if self.failed is not None:
             if self._reported:
                 return  # the session is already ending because of it
@@ -259,29 +267,44 @@ class SessionRecorder:
             self._last_fsync = time.monotonic()
             self._unsynced = False
 
-    async def run(self) -> None:
-        """Flush ``flush_interval`` after records arrive, fsync a quiet session's last
-        write after ``fsync_interval``, sleep otherwise; until cancelled. Ends the session
-        on failure."""
+    def start(self, nursery: trio.Nursery) -> None:
+        """Flush in ``nursery`` (the session's) from now on, beginning with the header."""
+        self._nursery = nursery
+        self._kick(at_once=True)
+
+    def _kick(self, *, at_once: bool = False) -> None:
+        """Make sure a flusher task runs (one at a time; none while the session is quiet)."""
+        if self._nursery is None or self._flushing:
+            return
+        self._flushing = True
+        self._nursery.start_soon(self._flusher, at_once, name="recording.flusher")
+
+    async def _flusher(self, at_once: bool) -> None:
+        """Flush ``flush_interval`` after records arrived (at once for the header), keep
+        flushing while they keep arriving, fsync the last write ``fsync_interval`` after
+        the session went quiet, then end: a quiet session holds no task, no compressor and
+        no open file. Ends the session on failure."""
         config = self.recorder.config
         try:
-            await self.flush()  # the header is on disk before anything else happens
             while True:
-                if self._unsynced:
+                if not at_once:
+                    with trio.move_on_after(config.flush_interval):
+                        await self._hurry.wait()
+                at_once = False
+                self._hurry = trio.Event()
+                self._wake = trio.Event()  # records added from here on need another flush
+                await self.flush()
+                while not self._wake.is_set():
+                    if not self._unsynced:
+                        return  # quiet and on disk: the next record starts a new flusher
                     with trio.move_on_after(config.fsync_interval):
                         await self._wake.wait()
                     if not self._wake.is_set():
                         await self.sync()
-                        continue
-                else:
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                with trio.move_on_after(config.flush_interval):
-                    await self._hurry.wait()
-                self._hurry = trio.Event()
-                await self.flush()
         except RecordingFailed as exc:
             self.control.end(ErrorCode.RECORDING_FAILED, str(exc))
+        finally:
+            self._flushing = False
 
     async def finish(self, reason: str) -> Trailer | None:
         """Write the last records and the signed trailer (fsync). None if that failed."""

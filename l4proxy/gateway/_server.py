@@ -558,7 +558,7 @@ class Gateway:
         try:
             async with trio.open_nursery() as inner:
                 if recording is not None:
-                    inner.start_soon(recording.run)
+                    recording.start(inner)
                 if target.protocol is TargetProtocol.CWP:
                     reason = await run_cwp_session(
                         info, tls, target=target, limits=state.config.limits,
