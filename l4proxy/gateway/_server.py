@@ -667,6 +667,7 @@ class Gateway:
                 self.audit.flush()
 
     async def _lock_watcher(self) -> None:
+        swept = self._locks.version  # serve() read the locks before any session started
         while True:
             await trio.sleep(LOCK_POLL)
             try:
@@ -674,6 +675,9 @@ class Gateway:
             except Exception:
                 log.exception("cannot read locks from the state store")
                 continue
+            if self._locks.version == swept:
+                continue  # no lock added or removed: the live sessions were checked already
+            swept = self._locks.version
             locked = lock_lookup(self._locks.locks, now=time.time())
             for live in list(self.sessions.values()):
                 reason = locked(live.info.identity, live.info.serial)
