@@ -386,6 +386,19 @@ async def test_drain_sends_goaway_then_ends_sessions(env: Env) -> None:
             await c.ping()
 
 
+async def test_a_broad_service_credential_is_warned_about_once(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    from l4proxy.gateway import _session
+
+    _session._WARNED.clear()  # other tests of this process may have seen the target
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        async with env.connect("wanda") as c:
+            await c.ping()
+    warnings = [r for r in caplog.records if "give the gateway a key scoped" in r.getMessage()]
+    assert len(warnings) == 1  # the test chunkd's key reaches everything
+
+
 async def test_a_quiet_session_does_not_wake_up_every_second(env: Env) -> None:
     counter = TaskSteps("session.timers")
     trio.lowlevel.add_instrument(counter)

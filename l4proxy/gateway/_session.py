@@ -178,6 +178,22 @@ class SessionControl:
             self._posted = trio.Event()
 
 
+#: (target, scope) pairs already warned about; bounded: cleared when full
+_WARNED: set[object] = set()
+_MAX_WARNED = 1024
+
+
+def _first_time(key: object) -> bool:
+    """True the first time ``key`` is seen in this process (a warning about a target's
+    configuration is logged once, not for every session)."""
+    if key in _WARNED:
+        return False
+    if len(_WARNED) >= _MAX_WARNED:
+        _WARNED.clear()
+    _WARNED.add(key)
+    return True
+
+
 def _seconds_until(moment: datetime) -> float:
     return (moment - datetime.now(UTC)).total_seconds()
 
@@ -418,7 +434,8 @@ class _CwpSession:
             del credential
         if isinstance(answer, Welcome):
             scope = answer.scope
-            if "*" in scope.buckets or "*" in scope.tables or "admin" in scope.access:
+            broad = "*" in scope.buckets or "*" in scope.tables or "admin" in scope.access
+            if broad and _first_time((self.target.name, scope)):
                 log.warning("%s: the credential of target %s reaches %s (buckets %s, tables %s); "
                             "give the gateway a key scoped to what its policy grants", self.tag,
                             self.target.name, "/".join(scope.access), list(scope.buckets),
