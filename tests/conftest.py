@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ import trio
 
 from l4proxy.chunkd import ChunkdConfig, load_key_file, load_keys_toml, serve
 from l4proxy.client import ChunkClient
+from l4proxy.identity import CertificateAuthority, init_ca
+from l4proxy.tls import server_context
 
 # --- chunkd fixtures (shared by the service, client and CLI tests) ------------------------
 
@@ -147,3 +151,32 @@ class TaskSteps(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if self.name in task.name:
             self.steps += 1
+
+
+# --- a CA for TLS tests (modules may define their own fixtures of these names) -------------
+
+TLS_TRUST_DOMAIN = "test.l4proxy"
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path, now: datetime) -> Path:
+    """A fresh CA (``init_ca``) whose server certificate names localhost and 127.0.0.1."""
+    d = tmp_path / "certs"
+    init_ca(d, trust_domain=TLS_TRUST_DOMAIN, server_names=["localhost", "127.0.0.1"], now=now)
+    return d
+
+
+@pytest.fixture
+def ca(ca_dir: Path) -> CertificateAuthority:
+    return CertificateAuthority.load(ca_dir)
+
+
+@pytest.fixture
+def server_ctx(ca_dir: Path) -> ssl.SSLContext:
+    """The server side of ``ca_dir``: its certificate, client certificates required."""
+    return server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")

@@ -34,11 +34,6 @@ DEADLINE = 20  # seconds, for every test
 LARGE = 8 * 1024 * 1024
 
 
-@pytest.fixture
-def ca_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "certs"
-    init_ca(d, trust_domain="test.l4proxy", server_names=["localhost", "127.0.0.1"], now=datetime.now(UTC))
-    return d
 
 
 @pytest.fixture

@@ -39,11 +39,12 @@ from l4proxy.gateway import (
 )
 from l4proxy.gateway._upstream import open_upstream, upstream_ssl_context
 from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identity, identity_uri, init_ca
-from l4proxy.tls import TlsHandshakeError, TlsStream, server_context
+from l4proxy.tls import TlsHandshakeError, TlsStream
 
+from .conftest import TLS_TRUST_DOMAIN
 from .test_tls import _receive_exactly
 
-TD = "test.l4proxy"
+TD = TLS_TRUST_DOMAIN  # the conftest CA's
 ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
 BOB = Identity(provider="github", subject="bob", groups=("ops",))
 TLS12 = ssl.TLSVersion.TLSv1_2
@@ -62,33 +63,11 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-@pytest.fixture
-def ca_dir(tmp_path: Path, now: datetime) -> Path:
-    d = tmp_path / "certs"
-    init_ca(d, trust_domain=TD, server_names=["localhost", "127.0.0.1"], now=now)
-    return d
-
-
-@pytest.fixture
-def ca(ca_dir: Path) -> CertificateAuthority:
-    return CertificateAuthority.load(ca_dir)
-
-
-@pytest.fixture
 def other_ca(tmp_path: Path, now: datetime) -> CertificateAuthority:
     """Another CA of the same trust domain: its certificates must not get in."""
     d = tmp_path / "other"
     init_ca(d, trust_domain=TD, now=now)
     return CertificateAuthority.load(d)
-
-
-@pytest.fixture
-def server_ctx(ca_dir: Path) -> ssl.SSLContext:
-    return server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
 
 
 def _p256() -> ec.EllipticCurvePrivateKey:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -32,7 +32,9 @@ import l4proxy.tls
 from l4proxy.identity import CertificateAuthority, Identity, init_ca
 from l4proxy.tls import TlsHandshakeError, TlsStream, client_context, server_context
 
-TD = "test.l4proxy"
+from .conftest import TLS_TRUST_DOMAIN
+
+TD = TLS_TRUST_DOMAIN  # the conftest CA's
 ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
 TLS12 = ssl.TLSVersion.TLSv1_2
 TLS13 = ssl.TLSVersion.TLSv1_3
@@ -51,31 +53,9 @@ U = TypeVar("U")
 
 
 @pytest.fixture
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-@pytest.fixture
-def ca_dir(tmp_path: Path, now: datetime) -> Path:
-    d = tmp_path / "certs"
-    init_ca(d, trust_domain=TD, server_names=["localhost", "127.0.0.1"], now=now)
-    return d
-
-
-@pytest.fixture
-def ca(ca_dir: Path) -> CertificateAuthority:
-    return CertificateAuthority.load(ca_dir)
-
-
-@pytest.fixture
 def client_pair(tmp_path: Path, ca: CertificateAuthority, now: datetime) -> tuple[Path, Path]:
     """A minted client certificate and its key, as files (what ``client_context`` loads)."""
     return _client_files(tmp_path, ca, now)
-
-
-@pytest.fixture
-def server_ctx(ca_dir: Path) -> ssl.SSLContext:
-    return server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
 
 
 def _client_files(tmp_path: Path, ca: CertificateAuthority, now: datetime) -> tuple[Path, Path]:

@@ -230,11 +230,7 @@ class SessionRecorder:
             try:
                 await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
             except OSError as exc:
-                self.failed = f"cannot write {self.path}: {exc.strerror or exc}"
-                log.error("session %s (%s): recording failed: %s", self.info.session_id,
-                          self.info.identity.name, self.failed)
-                self._reported = True
-                raise RecordingFailed(self.failed) from None
+                raise self._failure(f"cannot write {self.path}: {exc.strerror or exc}") from None
             if sync:
                 self._last_fsync = time.monotonic()
                 self._unsynced = False
@@ -242,6 +238,14 @@ class SessionRecorder:
                 self._unsynced = True
             if final_reason is not None:
                 self.trailer = writer.trailer
+
+    def _failure(self, message: str) -> RecordingFailed:
+        """Mark the recording failed for good (logged once, reported by the caller)."""
+        self.failed = message
+        log.error("session %s (%s): recording failed: %s", self.info.session_id,
+                  self.info.identity.name, message)
+        self._reported = True
+        return RecordingFailed(message)
 
     async def sync(self) -> None:
         """fsync what earlier flushes wrote (the session went quiet after a write)."""
@@ -259,11 +263,7 @@ class SessionRecorder:
             try:
                 await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
             except OSError as exc:
-                self.failed = f"cannot sync {self.path}: {exc.strerror or exc}"
-                log.error("session %s (%s): recording failed: %s", self.info.session_id,
-                          self.info.identity.name, self.failed)
-                self._reported = True
-                raise RecordingFailed(self.failed) from None
+                raise self._failure(f"cannot sync {self.path}: {exc.strerror or exc}") from None
             self._last_fsync = time.monotonic()
             self._unsynced = False
 
