@@ -42,7 +42,7 @@ from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identit
 from l4proxy.tls import TlsHandshakeError, TlsStream
 
 from .conftest import TLS_TRUST_DOMAIN
-from .test_tls import _receive_exactly
+from .test_tls import _on_loopback, _receive_exactly
 
 TD = TLS_TRUST_DOMAIN  # the conftest CA's
 ALICE = Identity(provider="github", subject="alice", email="alice@example.com", groups=("eng",))
@@ -159,27 +159,7 @@ def _recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
 async def _serve_one_client(server: Callable[[trio.SocketListener], Awaitable[T]],
                             client: Callable[[int], Any]) -> tuple[T, Any]:
     """Run ``server(listener)`` on a loopback port and ``client(port)`` in a thread."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    listener = listeners[0]
-    assert isinstance(listener, trio.SocketListener)
-    port = listener.socket.getsockname()[1]
-    results: dict[str, Any] = {}
-
-    async def run_server() -> None:
-        results["server"] = await server(listener)
-
-    async def run_client() -> None:
-        results["client"] = await trio.to_thread.run_sync(client, port)
-
-    try:
-        with trio.fail_after(DEADLINE):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_server)
-                nursery.start_soon(run_client)
-    finally:
-        for lst in listeners:
-            await lst.aclose()
-    return results["server"], results["client"]
+    return await _on_loopback(server, lambda port: trio.to_thread.run_sync(client, port))
 
 
 def _client_error(port: int, ctx: ssl.SSLContext) -> ssl.SSLError:
