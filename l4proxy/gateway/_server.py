@@ -654,6 +654,7 @@ class Gateway:
 
     async def _audit_flusher(self) -> None:
         """Write the request lines sessions hold back (``AuditLog.write(flush=False)``)."""
+        failing = False
         try:
             while True:
                 await trio.sleep(AUDIT_FLUSH_INTERVAL)
@@ -661,7 +662,13 @@ class Gateway:
                     self.audit.flush()
                 except OSError as exc:
                     # the lines stay held; a session writing while it lasts ends (fail closed)
-                    log.error("cannot write the audit log: %s", exc.strerror or exc)
+                    if not failing:
+                        log.error("cannot write the audit log: %s", exc.strerror or exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("the audit log is writable again")
+                    failing = False
         finally:
             with contextlib.suppress(OSError):
                 self.audit.flush()
