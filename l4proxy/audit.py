@@ -34,7 +34,7 @@ __all__ = ["FLUSH_INTERVAL", "AuditLog", "rfc3339"]
 
 #: how often the gateway flushes request lines held by ``write(..., flush=False)`` (seconds)
 FLUSH_INTERVAL = 0.1
-#: held request lines beyond this many bytes are written at once
+#: held request lines beyond this many characters are written at once
 MAX_PENDING_BYTES = 64 << 10
 
 

@@ -961,14 +961,11 @@ async def test_session_control_keeps_the_end_behind_any_number_of_goaways() -> N
 
     # an END cancels what the command task registered as interruptible
     control = SessionControl()
-    with trio.CancelScope() as sends:
-        control.interrupt_on_end(sends)
+    with control.interruptible() as sends:
         control.end(ErrorCode.IDENTITY_LOCKED, "locked")
         await trio.sleep(10)  # a stalled send, cut short
     assert sends.cancelled_caught
-    control.interrupt_on_end(None)
-    with trio.CancelScope() as late:  # registered after the END: cancelled at once
-        control.interrupt_on_end(late)
+    with control.interruptible() as late:  # entered after the END: cancelled at once
         await trio.sleep(10)
     assert late.cancelled_caught
 

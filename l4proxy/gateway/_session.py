@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -144,12 +145,19 @@ class SessionControl:
         #: cancelled by end(): what the session's command task does besides waiting
         self._interrupt: trio.CancelScope | None = None
 
-    def interrupt_on_end(self, scope: trio.CancelScope | None) -> None:
-        """Have :meth:`end` cancel ``scope`` (None: nothing), so that an END is not kept
-        waiting behind the command task's other work."""
-        self._interrupt = scope
-        if scope is not None and self._end is not None:
-            scope.cancel()
+    @contextmanager
+    def interruptible(self) -> Iterator[trio.CancelScope]:
+        """``with control.interruptible():`` -- an :meth:`end` posted before or during the
+        block cancels it, so that an END is not kept waiting behind the command task's
+        other work (a send to a client that does not read)."""
+        with trio.CancelScope() as scope:
+            self._interrupt = scope
+            if self._end is not None:
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._interrupt = None
 
     def goaway(self, code: ErrorCode, message: str) -> None:
         """Ask the client to finish in-flight requests and go (CWP); TCP sessions end."""
@@ -601,8 +609,7 @@ class _CwpSession:
                 left = max(0, round(end_at - now))
                 # a client that does not read makes these sends wait (bounded); an END
                 # from the gateway (a lock) cuts them short
-                with trio.CancelScope() as sends:
-                    self.control.interrupt_on_end(sends)
+                with self.control.interruptible():
                     with trio.move_on_after(_GOODBYE_TIMEOUT):
                         try:
                             await self.to_client(Notice(
@@ -613,7 +620,6 @@ class _CwpSession:
                             pass
                     await self.goaway(ErrorCode.CERTIFICATE_EXPIRED,
                                       "the client certificate expires soon")
-                self.control.interrupt_on_end(None)
                 continue  # the sends took time: look at the clock and the commands again
             idle_for = time.monotonic() - self.activity.last
             if idle_for >= self.limits.idle_timeout:
@@ -634,10 +640,8 @@ class _CwpSession:
             if command is not None:  # acted on outside the timeout's scope
                 kind, code, message = command
                 if kind == "goaway":
-                    with trio.CancelScope() as sends:  # an END cuts a stalled GOAWAY short
-                        self.control.interrupt_on_end(sends)
+                    with self.control.interruptible():  # an END cuts a stalled GOAWAY short
                         await self.goaway(code, message)
-                    self.control.interrupt_on_end(None)
                 else:
                     self.final = (code, message)  # sent by run() once the pumps have stopped
                     return f"ended by the gateway: {code.name}"

@@ -323,9 +323,7 @@ class Connection:
             self._direct = data
             self._dpos = 0
             return
-        if self._direct is not None:  # fed again before draining: keep the byte order
-            self._buf += memoryview(self._direct)[self._dpos:]
-            self._direct = None
+        self._undirect()  # fed again before draining: keep the byte order
         self._buf += data
 
     def next_event(self) -> Event | NeedData:
@@ -361,6 +359,12 @@ class Connection:
             del self._buf[: self._pos]
             self._pos = 0
 
+    def _undirect(self) -> None:
+        """Move what is left of a read kept in place into ``_buf`` (after what is there)."""
+        if self._direct is not None:
+            self._buf += memoryview(self._direct)[self._dpos:]
+            self._direct = None
+
     def _next_event(self) -> Event | NeedData | _Swallowed:
         direct = self._direct
         if direct is not None:
@@ -372,9 +376,7 @@ class Connection:
                 if self._dpos == len(direct):
                     self._direct = None
                 return self._data_piece(self._partial, piece)
-            # the payload ended inside this read: the rest is parsed from ``_buf``
-            self._buf += memoryview(direct)[start:]
-            self._direct = None
+            self._undirect()  # the payload ended inside this read: parse the rest from _buf
         if self._partial is not None:
             return self._next_data_piece(self._partial)
         avail = len(self._buf) - self._pos
