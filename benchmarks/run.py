@@ -50,6 +50,7 @@ from benchmarks._payloads import PAYLOADS, payload
 from l4proxy.client import ChunkClient
 from l4proxy.config import LimitsConfig, RecordingConfig
 from l4proxy.identity import CertificateAuthority, Identity, init_ca
+from l4proxy.netaddr import free_loopback_port
 from l4proxy.tls import TlsStream
 from l4proxy.wire import NEED_DATA, Connection, Hello, Role, Secret, Welcome
 
@@ -97,12 +98,6 @@ class Path_:
 
 
 # --- setup ---------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
 
 def _write_private(path: Path, data: bytes) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -210,7 +205,7 @@ def _start_gateway(work: Path, name: str, chunkd_port: int, recording: bool,
                    zstd_level: int | None = None) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     home = work / name
     home.mkdir()
-    ports = {k: _free_port() for k in ("control", "ops", "cwp", "tcp")}
+    ports = {k: free_loopback_port() for k in ("control", "ops", "cwp", "tcp")}
     config = home / "l4proxy.toml"
     config.write_text(_gateway_config(work, chunkd_port, ports, recording, zstd_level))
     log = open(home / "serve.log", "wb")  # noqa: SIM115
@@ -271,7 +266,7 @@ def _start_haproxy(binary: str, work: Path, upstream: int) -> tuple[subprocess.P
     pem = work / "haproxy.pem"
     pem.write_bytes((certs / "server.crt").read_bytes() + (certs / "server.key").read_bytes())
     pem.chmod(0o600)
-    port = _free_port()
+    port = free_loopback_port()
     cfg = work / "haproxy.cfg"
     cfg.write_text(f"""global
     maxconn {_maxconn()}
@@ -295,7 +290,7 @@ backend be
 
 def _start_stunnel(binary: str, work: Path, upstream: int) -> tuple[subprocess.Popen[bytes], int]:
     certs = work / "certs"
-    port = _free_port()
+    port = free_loopback_port()
     cfg = work / "stunnel.conf"
     cfg.write_text(f"""foreground = yes
 pid =
