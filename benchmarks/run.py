@@ -50,6 +50,7 @@ from benchmarks._payloads import PAYLOADS, payload
 from l4proxy.client import ChunkClient
 from l4proxy.config import LimitsConfig, RecordingConfig
 from l4proxy.identity import CertificateAuthority, Identity, init_ca
+from l4proxy.login import write_private_file
 from l4proxy.netaddr import free_loopback_port
 from l4proxy.tls import TlsStream
 from l4proxy.wire import NEED_DATA, Connection, Hello, Role, Secret, Welcome
@@ -98,13 +99,6 @@ class Path_:
 
 
 # --- setup ---------------------------------------------------------------------------------
-
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
@@ -319,7 +313,8 @@ def _client_context(work: Path) -> ssl.SSLContext:
                           now=dt.datetime.now(dt.UTC))
     crt = work / "client.crt"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = _write_private(work / "client.key", key.private_bytes(
+    key_path = work / "client.key"
+    write_private_file(key_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     ctx = ssl.create_default_context(cafile=str(work / "certs" / "ca.crt"))
@@ -1115,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
             init_ca(work / "certs", trust_domain=TRUST, server_names=[HOST],
                     now=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
             key = "ck_" + secrets.token_urlsafe(24)
-            _write_private(work / "chunkd.key", key.encode())
+            write_private_file(work / "chunkd.key", key.encode())
             ctx = _client_context(work)
             paths = _start_all(work, plan, tools, key, procs, skipped)
             print(f"setup done in {time.monotonic() - started:.1f}s; paths: "
