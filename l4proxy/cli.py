@@ -160,6 +160,9 @@ def _serve(path: Path, log_format: str) -> int:
         return _fail(f"invalid configuration:\n{exc}")
     import trio
 
+    from ._alloc import tune_allocator
+
+    logging.getLogger("l4proxy.serve").info("%s", tune_allocator())
     try:
         trio.run(Server(path, config).run)
     except BaseExceptionGroup as group:

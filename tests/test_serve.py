@@ -182,6 +182,7 @@ async def test_reload_and_drain(served: Any) -> None:
     logs = server.stderr.read().decode()
     assert "ck_serve_secret_value" not in logs
     assert all(json.loads(line) for line in logs.splitlines() if line.strip())  # JSON logs
+    assert "allocator" in logs  # what l4proxy._alloc did (or why not), once at start
     audit = (tmp / "state" / "audit.jsonl").read_text()
     assert '"event": "config_reload"' in audit and "ck_serve_secret_value" not in audit
 
