@@ -8,7 +8,9 @@ import errno
 import io
 import os
 import stat
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,52 @@ async def test_a_crashed_session_is_sealed_on_the_next_start(nursery: trio.Nurse
     replay.dump(rec.path, replay.Direction.TO_CLIENT, out,
                 trusted=load_recording_keyring(tmp_path / "certs"))
     assert out.getvalue() == b"world"
+
+
+async def test_a_slow_fsync_does_not_hold_up_the_next_write(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the periodic fsync runs beside the writes: while the disk takes its time, the next
+    # frame is still compressed and appended (a session waits for its writes, never for
+    # an fsync); the trailer's own fsync waits for nothing else either
+    env = await _recorded_env(nursery, tmp_path, fsync_interval=0.0)
+    recorder = env.gateway.recorder
+    assert recorder is not None
+    from l4proxy.gateway import SessionControl, SessionInfo
+    from l4proxy.identity import Identity
+
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    info = SessionInfo(session_id="01a2-slow-disk", identity=Identity(provider="dev", subject="sid"),
+                       serial=1, not_after=datetime.now(UTC), target="chunks", client_address="x")
+    rec = SessionRecorder(recorder, info, SessionControl())
+    try:
+        rec.start(nursery)  # writes the header, then starts an fsync: it hangs
+        with trio.fail_after(5):
+            while not entered.is_set():
+                await trio.sleep(0.01)
+            size = rec.path.stat().st_size
+            await rec.client_bytes(b"written while the disk syncs")
+            await rec.flush()
+        assert rec.path.stat().st_size > size
+        assert rec._unsynced  # nothing has been synced yet
+    finally:
+        release.set()
+    with trio.fail_after(10):
+        trailer = await rec.finish("done")
+    assert trailer is not None and not rec._unsynced
+    verdict = replay.verify(rec.path, trusted=load_recording_keyring(tmp_path / "certs"))
+    assert verdict.status is replay.VerifyStatus.INTACT, verdict.reasons
+    out = io.BytesIO()
+    replay.dump(rec.path, replay.Direction.TO_GATEWAY, out,
+                trusted=load_recording_keyring(tmp_path / "certs"))
+    assert out.getvalue() == b"written while the disk syncs"
 
 
 async def test_a_write_failure_ends_the_session_with_recording_failed(

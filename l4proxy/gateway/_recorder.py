@@ -5,9 +5,11 @@ Theory of operation: :class:`Recorder` is shared by all sessions; each session g
 ``replay.RecordingWriter`` (no I/O). While records arrive, a flusher task (one per busy
 session, in the session's nursery) turns the pending records into one zstd frame and
 appends it to the session's file every ``flush_interval`` -- early, once a quarter of
-``max_pending_bytes`` waits, so compression overlaps the relaying -- and fsyncs at least
-every ``fsync_interval``; once the session is quiet and its last write is fsynced the
-task ends, and the next record starts a new one. Compression and signing run in worker
+``max_pending_bytes`` waits, so compression overlaps the relaying. The file is fsynced
+at least every ``fsync_interval`` by a task of its own, beside the flushes rather than
+between them (a slow disk's fsync must not stall the session while the next frame could
+be compressed and written); once the session is quiet and its last write is fsynced the
+flusher ends, and the next record starts a new one. Compression and signing run in worker
 threads with one compressor per thread (shared by every session), never on the event
 loop and never a compressor per session; the file is opened for each flush and closed
 again. So a quiet session holds no task, no compressor and no open file. When a session
@@ -46,6 +48,8 @@ log = logging.getLogger("l4proxy.gateway.recorder")
 
 #: worker threads that compress and write recordings (each holds one compressor)
 WRITER_THREADS = 2
+#: worker threads that fsync recordings (they wait for the disk, not the CPU)
+SYNC_THREADS = 8
 
 
 class RecordingFailed(ObserverFailed):
@@ -63,6 +67,7 @@ class Recorder:
         self.signing_key = signing_key
         self.gateway_id = gateway_id
         self.limiter = trio.CapacityLimiter(WRITER_THREADS)
+        self.sync_limiter = trio.CapacityLimiter(SYNC_THREADS)
         self._local = threading.local()
         config.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -94,8 +99,9 @@ class SessionRecorder:
     after the session has ended."""
 
     __slots__ = ("_created", "_flushing", "_hurry", "_last_fsync", "_nursery", "_reported",
-                 "_unsynced", "_wake", "_write_lock", "control", "early_events", "failed", "info",
-                 "path", "recorder", "redactions", "trailer", "writer")
+                 "_sync_lock", "_synced", "_syncing", "_wake", "_write_lock", "_writes", "control",
+                 "early_events", "failed", "info", "path", "recorder", "redactions", "trailer",
+                 "writer")
 
     def __init__(self, recorder: Recorder, info: SessionInfo, control: SessionControl) -> None:
         self.recorder = recorder
@@ -112,8 +118,13 @@ class SessionRecorder:
         self._wake = trio.Event()
         #: set when a quarter of ``max_pending_bytes`` is waiting: flush before the interval
         self._hurry = trio.Event()
-        #: bytes were written since the last fsync
-        self._unsynced = False
+        #: frames appended so far, and how many of them an fsync covers
+        self._writes = 0
+        self._synced = 0
+        #: one fsync at a time (beside the writes, not under ``_write_lock``)
+        self._sync_lock = trio.Lock()
+        #: a background fsync task is running
+        self._syncing = False
         #: where flusher tasks run (the session's nursery, from :meth:`start`)
         self._nursery: trio.Nursery | None = None
         #: a flusher task is running
@@ -214,30 +225,30 @@ class SessionRecorder:
                     return
                 raise RecordingFailed(self.failed)
             writer = self._writer()
-            if final_reason is None and not writer.pending_records:
+            final = final_reason is not None
+            if not final and not writer.pending_records:
                 return
-            sync = final_reason is not None or (
-                time.monotonic() - self._last_fsync >= self.recorder.config.fsync_interval)
 
             def work() -> bytes:
                 comp = self.recorder.compressor()
                 frame = (writer.close(final_reason, comp) if final_reason is not None
                          else writer.flush(comp))
                 if frame:
-                    self._append(frame, sync=sync)
+                    self._append(frame, sync=final)
                 return frame
 
             try:
-                await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
+                frame = await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
             except OSError as exc:
                 raise self._failure(f"cannot write {self.path}: {exc.strerror or exc}") from None
-            if sync:
+            if frame:
+                self._writes += 1
+            if final:
+                self._synced = self._writes
                 self._last_fsync = time.monotonic()
-                self._unsynced = False
-            else:
-                self._unsynced = True
-            if final_reason is not None:
                 self.trailer = writer.trailer
+            elif time.monotonic() - self._last_fsync >= self.recorder.config.fsync_interval:
+                self._start_sync()
 
     def _failure(self, message: str) -> RecordingFailed:
         """Mark the recording failed for good (logged once, reported by the caller)."""
@@ -247,10 +258,16 @@ class SessionRecorder:
         self._reported = True
         return RecordingFailed(message)
 
+    @property
+    def _unsynced(self) -> bool:
+        """A frame was appended that no fsync covers yet."""
+        return self._writes > self._synced
+
     async def sync(self) -> None:
-        """fsync what earlier flushes wrote (the session went quiet after a write)."""
-        async with self._write_lock:
-            if not self._unsynced or self.failed is not None:
+        """fsync what earlier flushes wrote (may run while the next frame is written)."""
+        async with self._sync_lock:
+            upto = self._writes  # appends finished before the fsync starts are covered
+            if upto <= self._synced or self.failed is not None:
                 return
 
             def work() -> None:
@@ -261,11 +278,27 @@ class SessionRecorder:
                     os.close(fd)
 
             try:
-                await trio.to_thread.run_sync(work, limiter=self.recorder.limiter)
+                await trio.to_thread.run_sync(work, limiter=self.recorder.sync_limiter)
             except OSError as exc:
                 raise self._failure(f"cannot sync {self.path}: {exc.strerror or exc}") from None
             self._last_fsync = time.monotonic()
-            self._unsynced = False
+            self._synced = max(self._synced, upto)
+
+    def _start_sync(self) -> None:
+        """fsync in a task of its own (one at a time), so the session's next flush need not
+        wait for the disk."""
+        if self._nursery is None or self._syncing:
+            return
+        self._syncing = True
+        self._nursery.start_soon(self._syncer, name="recording.sync")
+
+    async def _syncer(self) -> None:
+        try:
+            await self.sync()
+        except RecordingFailed as exc:
+            self.control.end(ErrorCode.RECORDING_FAILED, str(exc))
+        finally:
+            self._syncing = False
 
     def start(self, nursery: trio.Nursery) -> None:
         """Flush in ``nursery`` (the session's) from now on, beginning with the header."""
