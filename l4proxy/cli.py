@@ -160,9 +160,9 @@ def _serve(path: Path, log_format: str) -> int:
         return _fail(f"invalid configuration:\n{exc}")
     import trio
 
-    from ._alloc import tune_allocator
+    from ._alloc import tune_allocator, tune_gc
 
-    logging.getLogger("l4proxy.serve").info("%s", tune_allocator())
+    logging.getLogger("l4proxy.serve").info("%s; %s", tune_allocator(), tune_gc())
     try:
         trio.run(Server(path, config).run)
     except BaseExceptionGroup as group:

@@ -77,3 +77,13 @@ def test_environment_knobs_are_left_alone(env: dict[str, str]) -> None:
 def test_unrelated_tunables_do_not_count() -> None:
     _, said = _faults("tune", GLIBC_TUNABLES="glibc.pthread.rseq=0")
     assert said.startswith("allocator: glibc mmap threshold")
+
+
+def test_tune_gc_freezes_start_up_and_raises_the_young_threshold() -> None:
+    child = ("import gc, sys; from l4proxy._alloc import GC_THRESHOLD, tune_gc; "
+             "said = tune_gc(); print(gc.get_freeze_count(), gc.get_threshold()[0] == GC_THRESHOLD, said)")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=60, check=True)
+    frozen, raised, said = done.stdout.split(" ", 2)
+    assert int(frozen) > 1000 and raised == "True"
+    assert said.startswith(f"collector: {frozen} start-up objects frozen")
