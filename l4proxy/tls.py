@@ -18,10 +18,13 @@ certificate's name check) and ``session`` (resumption) are all that differ.
 
 State lives in three places: the :class:`ssl.SSLObject`, its incoming and outgoing
 :class:`ssl.MemoryBIO`, and ``_ct``, ciphertext already read from the transport but not
-yet written into the incoming BIO. Ciphertext is fed to the BIO in slices of
-:data:`BIO_SLICE` and plaintext is encrypted in slices of :data:`WRITE_SLICE`, draining
-the outgoing BIO after each: an OpenSSL memory BIO never gives memory back, so feeding it
-256 KiB once would pin 256 KiB to the session for its whole life. (Measured: a stream
+yet written into the incoming BIO. Ciphertext is fed to the BIO one TLS record at a time
+(the record headers are read for their lengths; at most :data:`BIO_SLICE`), and
+plaintext is encrypted in slices of :data:`WRITE_SLICE`, draining the outgoing BIO after
+each: an OpenSSL memory BIO never gives memory back, so feeding it 256 KiB once would pin
+256 KiB to the session for its whole life. Whole records also mean that a read after a
+feed decrypts a record instead of failing for want of its tail, which used to cost a
+``SSLWantReadError`` per record. (Measured: a stream
 that has only handshaken holds about 29 KiB; one that has moved bulk data about 80 KiB,
 most of it OpenSSL's record buffers and the two BIOs at one record each.)
 
@@ -82,9 +85,15 @@ __all__ = [
 
 #: how much ciphertext one ``receive_some`` asks the transport for
 DEFAULT_READ_SIZE = 256 * 1024
-#: ciphertext is written into the incoming BIO at most this much at a time (bounds the BIO;
-#: about one TLS record: measured no slower than 64 KiB slices, and half the memory)
-BIO_SLICE = 16 * 1024
+#: ciphertext is written into the incoming BIO one TLS record at a time (bounds the BIO,
+#: whose buffer never shrinks, to about one record per stream), and a record is never split
+#: across writes unless the transport split it: so a read after a write finds a whole
+#: record to decrypt instead of failing with ``SSLWantReadError`` half the time. A record
+#: header claiming more than the largest legal record is fed this much at a time (OpenSSL
+#: then refuses the record).
+BIO_SLICE = 5 + (1 << 14) + 2048  # header + TLS 1.2's largest TLSCiphertext
+_RECORD_HEADER = 5
+_MAX_RECORD_BODY = BIO_SLICE - _RECORD_HEADER
 #: plaintext is encrypted at most this much at a time before the outgoing BIO is drained
 WRITE_SLICE = 16 * 1024
 #: the longest ``aclose`` (and a failed handshake's alert) waits to send close_notify
@@ -212,6 +221,8 @@ class TlsStream(trio.abc.HalfCloseableStream):
         self._send_guard = _Guard("sending")
         self._ct: memoryview | None = None  # ciphertext read but not yet fed to the BIO
         self._ct_off = 0
+        self._rec_left = 0  # bytes of the current TLS record not yet fed to the BIO
+        self._rec_head = b""  # the part of a record header seen so far (transport split it)
         self._transport_eof = False
         self._recv_eof = False
         self._sent_eof = False
@@ -304,19 +315,43 @@ class TlsStream(trio.abc.HalfCloseableStream):
     # --- moving ciphertext ---------------------------------------------------------------
 
     def _feed(self) -> bool:
-        """Move the next slice of read ciphertext into the incoming BIO (False: none left)."""
+        """Move the rest of the current TLS record (or the next whole record) of the read
+        ciphertext into the incoming BIO (False: none left)."""
         ct = self._ct
         if ct is None:
             return False
         off = self._ct_off
-        end = off + BIO_SLICE
+        size = len(ct)
+        if self._rec_left:  # the rest of a record the transport split
+            end = off + self._rec_left
+        elif size - off >= _RECORD_HEADER and not self._rec_head:
+            end = off + _RECORD_HEADER + min(ct[off + 3] << 8 | ct[off + 4], _MAX_RECORD_BODY)
+        else:
+            end = self._split_header(ct, off, size)
+        if end > size:
+            self._rec_left = end - size
+            end = size
+        else:
+            self._rec_left = 0
         self._incoming.write(ct[off:end])
-        if end >= len(ct):
+        if end >= size:
             self._ct = None
             self._ct_off = 0
         else:
             self._ct_off = end
         return True
+
+    def _split_header(self, ct: memoryview, off: int, size: int) -> int:
+        """Where the record whose header the transport split ends (``size`` while the header
+        is still incomplete)."""
+        head = self._rec_head
+        missing = _RECORD_HEADER - len(head)
+        if size - off < missing:
+            self._rec_head = head + ct[off:]
+            return size
+        head += ct[off:off + missing]
+        self._rec_head = b""
+        return off + missing + min(head[3] << 8 | head[4], _MAX_RECORD_BODY)
 
     async def _receive_ciphertext(self) -> None:
         """Read once from the transport into ``_ct`` (or record its EOF)."""
@@ -428,8 +463,11 @@ class TlsStream(trio.abc.HalfCloseableStream):
         want = max(1, min(max_bytes, available))
         view = memoryview(_scratch(want))[:want]
         n = 0
+        incoming = self._incoming
         try:
             while n < want:
+                if self._ct is not None and not incoming.pending:
+                    self._feed()  # the BIO is empty: feed the next record before reading
                 try:
                     # with a buffer, read() returns a count (typeshed says bytes)
                     k = cast(int, sslobj.read(want - n, view[n:]))

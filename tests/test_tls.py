@@ -433,6 +433,107 @@ async def test_byte_at_a_time_transport(tmp_path: Path, ca_dir: Path, ca: Certif
     await server.aclose()
 
 
+class _Splitting(trio.abc.HalfCloseableStream):
+    """A transport that hands out reads of awkward sizes: inside record headers, one byte
+    either side of a whole record, several records at once."""
+
+    SIZES = (1, 2, 3, 4, 5, 6, 7, 100, 16_383, 16_384, 16_385, 16_405, 16_406, 16_407, 16_411,
+             40_000, 70_000)
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, seed: int) -> None:
+        import random
+
+        self.inner = inner
+        self.rng = random.Random(seed)
+        self.sent = bytearray()
+        self.received = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        size = self.rng.choice(self.SIZES)
+        data = await self.inner.receive_some(size if max_bytes is None else min(size, max_bytes))
+        self.received += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@VERSIONS
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_records_split_anywhere_by_the_transport(tmp_path: Path, ca_dir: Path,
+                                                       ca: CertificateAuthority, now: datetime,
+                                                       version: ssl.TLSVersion, seed: int) -> None:
+    """Ciphertext is fed to OpenSSL record by record, following the record headers: reads
+    that end inside a header, inside a record or on its last byte all decrypt the same."""
+    crt, pem_key = _client_files(tmp_path, ca, now)
+    cctx = client_context(ca_dir / "ca.crt", cert=crt, key=pem_key)
+    cctx.maximum_version = version
+    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+    a, b = trio.testing.memory_stream_pair()
+    at_server, at_client = _Splitting(a, seed), _Splitting(b, seed + 100)
+    server = TlsStream(at_server, sctx, server_side=True)
+    client = TlsStream(at_client, cctx, server_side=False, server_hostname="localhost")
+    # where each write into the server's BIO ended, and how much had arrived by then
+    feeds: list[tuple[int, int]] = []
+    feed = server._feed
+
+    def left() -> int:
+        return 0 if server._ct is None else len(server._ct) - server._ct_off
+
+    def spy() -> bool:
+        fed = feed()
+        if fed:
+            feeds.append((at_server.received - left(), at_server.received))
+        return fed
+
+    server._feed = spy  # type: ignore[method-assign]
+    up = hashlib.shake_256(b"up%d" % seed).digest(300_000)
+    down = hashlib.shake_256(b"down%d" % seed).digest(300_000)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, up)
+            assert await _receive_exactly(server, len(up)) == up
+        # every write ended on a record boundary, unless the transport's read ended first
+        boundaries, pos, sent = set(), 0, at_client.sent
+        while pos + 5 <= len(sent):
+            pos += 5 + (sent[pos + 3] << 8 | sent[pos + 4])
+            boundaries.add(pos)
+        previous = 0
+        for end, received in feeds:
+            assert end in boundaries or end == received, (end, received)
+            assert 0 < end - previous <= l4proxy.tls.BIO_SLICE
+            previous = end
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_all, down)
+            assert await _receive_exactly(client, len(down)) == down
+        await client.aclose()
+        assert await server.receive_some() == b""  # close_notify, after all the data
+    await server.aclose()
+
+
+async def test_a_record_header_claiming_too_much_breaks_the_stream(
+        tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, now: datetime) -> None:
+    server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
+    with trio.fail_after(DEADLINE):
+        # application data "of 65535 bytes": more than any legal record
+        await client.transport_stream.send_all(b"\x17\x03\x03\xff\xff" + bytes(70_000))
+        with pytest.raises(trio.BrokenResourceError, match="TLS error"):
+            await server.receive_some()
+        assert server._incoming.pending <= l4proxy.tls.BIO_SLICE  # fed one record's worth
+    await server.aclose()
+    await client.aclose()
+
+
 async def test_concurrent_receives_conflict(tmp_path: Path, ca_dir: Path, ca: CertificateAuthority,
                                             now: datetime) -> None:
     server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
