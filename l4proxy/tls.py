@@ -63,12 +63,14 @@ import enum
 import os
 import ssl
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Literal, cast, overload
 
 import trio
 from cryptography import x509
 
+from l4proxy._send import Buffer, send_all_parts
 from l4proxy._sync import SendLock
 
 __all__ = [
@@ -366,10 +368,14 @@ class TlsStream(trio.abc.HalfCloseableStream):
             self._transport_eof = True
             self._incoming.write_eof()
 
-    async def _send_ciphertext(self, data: bytes) -> None:
-        """Send ``data`` on the transport (the caller holds ``_send_lock``)."""
+    async def _send_ciphertext(self, data: bytes | list[bytes]) -> None:
+        """Send ``data`` (or its parts, in one vectored send where the transport is a
+        socket) on the transport (the caller holds ``_send_lock``)."""
         try:
-            await self.transport_stream.send_all(data)
+            if isinstance(data, list):
+                await send_all_parts(self.transport_stream, data)
+            else:
+                await self.transport_stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise self._transport_failed(exc) from exc
         except BaseException:
@@ -560,6 +566,15 @@ class TlsStream(trio.abc.HalfCloseableStream):
             trio.BusyResourceError: another task is sending.
             TlsHandshakeError: the implicit handshake failed.
         """
+        await self.send_all_parts((data,))
+
+    async def send_all_parts(self, parts: Sequence[Buffer]) -> None:
+        """:meth:`send_all` of the parts one after the other, as one stream of bytes: they
+        are encrypted in turn and their records go out in one vectored send (no join).
+
+        Raises:
+            As :meth:`send_all`.
+        """
         with self._send_guard:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open()
@@ -567,26 +582,24 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 await self.do_handshake()
             if self._sent_eof:
                 raise trio.ClosedResourceError("send_eof was called on this stream")
-            view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
-            try:
-                if not view:
-                    await trio.lowlevel.checkpoint()
-                    return
-                async with self._send_lock:
-                    self._check_open()
-                    pieces: list[bytes] = []
-                    try:
-                        for off in range(0, len(view), WRITE_SLICE):
-                            self._ssl.write(view[off:off + WRITE_SLICE])
-                            pieces.append(self._outgoing.read())
-                    except ssl.SSLError as exc:
-                        self._state = _State.BROKEN
-                        raise trio.BrokenResourceError(f"TLS error: {_reason(exc)}") from exc
-                    await self._send_ciphertext(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-                    del pieces
-                    await self._drain_locked()
-            finally:
-                view.release()
+            if not any(len(p) for p in parts):
+                await trio.lowlevel.checkpoint()
+                return
+            async with self._send_lock:
+                self._check_open()
+                records: list[bytes] = []
+                try:
+                    for part in parts:
+                        with memoryview(part) as view, view.cast("B") as octets:
+                            for off in range(0, len(octets), WRITE_SLICE):
+                                self._ssl.write(octets[off:off + WRITE_SLICE])
+                                records.append(self._outgoing.read())
+                except ssl.SSLError as exc:
+                    self._state = _State.BROKEN
+                    raise trio.BrokenResourceError(f"TLS error: {_reason(exc)}") from exc
+                await self._send_ciphertext(records[0] if len(records) == 1 else records)
+                del records
+                await self._drain_locked()
 
     async def wait_send_all_might_not_block(self) -> None:
         """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""

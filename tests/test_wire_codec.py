@@ -905,3 +905,46 @@ def test_public_surface() -> None:
         assert hasattr(wire, name), name
     assert {"Connection", "RemoteProtocolError", "LocalProtocolError", "NEED_DATA",
             "negotiate_limits"} <= set(wire.__all__)
+
+
+def test_send_data_is_send_split_into_header_and_payload() -> None:
+    """The gateway's vectored path: the same bytes and the same state changes as send()."""
+    one, server_one = open_pair()
+    two, server_two = open_pair()
+    for conn, server in ((one, server_one), (two, server_two)):
+        server.receive_data(conn.send(Request(request_id=1, op=Op.PUT,
+                                              args={"bucket": "b", "key": "k", "size": 10})))
+        drain(server)
+        conn.receive_data(server.send(Continue(request_id=1)))
+        drain(conn)
+    payload = b"0123456789"
+    piece = payload[:4]
+    whole = one.send(Data(request_id=1, data=piece))
+    parts = two.send_data(Data(request_id=1, data=piece))
+    assert len(parts) == 2 and len(parts[0]) == 12 and parts[1] is piece  # not copied
+    assert b"".join(parts) == whole
+    assert b"".join(two.send_data(Data(request_id=1, data=payload[4:], end_stream=True))) == \
+        one.send(Data(request_id=1, data=payload[4:], end_stream=True))
+    # refused alike: the body is complete; then the connection is in the ERROR state
+    with pytest.raises(wire.LocalProtocolError):
+        two.send_data(Data(request_id=1, data=b"more"))
+    with pytest.raises(wire.LocalProtocolError, match="ERROR state"):
+        two.send_data(Data(request_id=1, data=b"more"))
+
+
+def test_send_data_swallows_what_send_swallows() -> None:
+    """Body pieces of an upload the server already refused: send() gives b"", send_data ()."""
+    one, server_one = open_pair()
+    two, server_two = open_pair()
+    for conn, server in ((one, server_one), (two, server_two)):
+        server.receive_data(conn.send(Request(request_id=1, op=Op.PUT,
+                                              args={"bucket": "b", "key": "k", "size": 10})))
+        drain(server)
+        conn.receive_data(server.send(Continue(request_id=1)))
+        drain(conn)
+        conn.send(Data(request_id=1, data=b"01"))
+        conn.receive_data(server.send(Error(request_id=1, code=ErrorCode.NOT_FOUND,
+                                            message="no bucket")))
+        drain(conn)
+    assert one.send(Data(request_id=1, data=b"01234")) == b""
+    assert two.send_data(Data(request_id=1, data=b"01234")) == ()

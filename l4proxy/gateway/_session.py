@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from l4proxy._send import send_all_parts
 from l4proxy._sync import SendLock
 from l4proxy.config import ClientCredentials, LimitsConfig, TargetConfig
 from l4proxy.wire import (
@@ -259,6 +260,14 @@ class _CwpSession:
                 "request_id": event.request_id, "kind": str(event.kind), "message": event.message,
                 "approval_id": event.approval_id})
         async with self.client_lock:
+            if type(event) is Data:  # header and payload apart: a vectored send, no join
+                parts = self.down.send_data(event)
+                if parts:
+                    for part in parts:
+                        await self.hooks.observer.server_bytes(part)
+                    await send_all_parts(self.client, parts)
+                    self.activity.touch()
+                return
             data = self.down.send(event)
             if data:
                 await self.hooks.observer.server_bytes(data)
@@ -512,6 +521,11 @@ class _CwpSession:
                     return
                 if isinstance(event, Request) and self.up.goaway_last_request_id is not None:
                     refused = True
+                elif type(event) is Data:  # header and payload apart: a vectored send
+                    parts = self.up.send_data(event)
+                    if parts:
+                        await send_all_parts(self.upstream, parts)
+                        self.activity.touch()
                 else:
                     data = self.up.send(event)
                     if data:

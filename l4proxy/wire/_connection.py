@@ -70,7 +70,15 @@ from ._events import (
     Secret,
     Welcome,
 )
-from ._frames import DecodeError, encode_frame, pack_control, pack_rows, unpack_control, unpack_rows
+from ._frames import (
+    DecodeError,
+    encode_frame,
+    encode_header,
+    pack_control,
+    pack_rows,
+    unpack_control,
+    unpack_rows,
+)
 from ._schema import (
     GOAWAY,
     HELLO,
@@ -820,11 +828,51 @@ class Connection:
             raise LocalProtocolError(f"connection is in the ERROR state: {self._error.message}",
                                      code=self._error.code)
         try:
+            if type(event) is Data:
+                return b"".join(self._send_data(self.our_role, event))
             return self._send(event)
         except LocalProtocolError as exc:
             self._error = exc
             self._state = ConnState.ERROR
             raise
+
+    def send_data(self, event: Data) -> tuple[bytes, ...]:
+        """:meth:`send` for a DATA event, with the frame's header and payload apart: the
+        payload is handed back as it came (not copied into a frame), for a vectored send.
+
+        Returns:
+            ``(header, payload)``, or ``()`` where :meth:`send` returns ``b""``.
+
+        Raises:
+            LocalProtocolError: as :meth:`send`.
+        """
+        if self._error is not None:
+            raise LocalProtocolError(f"connection is in the ERROR state: {self._error.message}",
+                                     code=self._error.code)
+        try:
+            return self._send_data(self.our_role, event)
+        except LocalProtocolError as exc:
+            self._error = exc
+            self._state = ConnState.ERROR
+            raise
+
+    def _send_data(self, us: Role, event: Data) -> tuple[bytes, ...]:
+        rid = event.request_id
+        self._check_header(us, FrameType.DATA, int(FrameFlag.END_STREAM if event.end_stream
+                           else FrameFlag.NONE), 0, rid, len(event.data))
+        swallow, new = self._check_body(us, rid, BodyKind.DATA, event.end_stream,
+                                        len(event.data))
+        if swallow:
+            if event.end_stream:
+                self._forget_aborted(rid)
+            return ()
+        stream = self._streams[rid]
+        stream.seen_size += len(event.data)
+        assert new is not None
+        self._set_stream(rid, stream, new)
+        flags = FrameFlag.END_STREAM if event.end_stream else FrameFlag.NONE
+        data = event.data if type(event.data) is bytes else bytes(event.data)
+        return encode_header(FrameType.DATA, flags, rid, len(data)), data
 
     def _encode_control(self, ftype: FrameType, obj: Mapping[str, Any], rid: int,
                         flags: FrameFlag = FrameFlag.NONE) -> bytes:
@@ -843,22 +891,8 @@ class Connection:
             raise LocalProtocolError(f"{type(event).__name__}: {exc}") from exc
 
     def _send_checked(self, us: Role, event: Event) -> bytes:
-        if isinstance(event, Data):
-            rid = event.request_id
-            self._check_header(us, FrameType.DATA, int(FrameFlag.END_STREAM if event.end_stream
-                               else FrameFlag.NONE), 0, rid, len(event.data))
-            swallow, new = self._check_body(us, rid, BodyKind.DATA, event.end_stream,
-                                            len(event.data))
-            if swallow:
-                if event.end_stream:
-                    self._forget_aborted(rid)
-                return b""
-            stream = self._streams[rid]
-            stream.seen_size += len(event.data)
-            assert new is not None
-            self._set_stream(rid, stream, new)
-            flags = FrameFlag.END_STREAM if event.end_stream else FrameFlag.NONE
-            return encode_frame(FrameType.DATA, flags, rid, bytes(event.data))
+        if isinstance(event, Data):  # a subclass of Data; send() takes Data itself
+            return b"".join(self._send_data(us, event))
         if isinstance(event, Rows):
             rid = event.request_id
             flags = FrameFlag.END_STREAM if event.end_stream else FrameFlag.NONE

@@ -17,7 +17,7 @@ import msgpack
 
 from ._constants import HEADER, FrameFlag, FrameType
 
-__all__ = ["DecodeError", "encode_frame", "pack_control", "pack_rows", "unpack_control",
+__all__ = ["DecodeError", "encode_frame", "encode_header", "pack_control", "pack_rows", "unpack_control",
            "unpack_rows"]
 
 MAX_NESTING = 8
@@ -25,6 +25,10 @@ MAX_NESTING = 8
 
 class DecodeError(ValueError):
     """A payload is not strictly valid msgpack of the expected shape."""
+
+
+def encode_header(ftype: FrameType, flags: FrameFlag, request_id: int, length: int) -> bytes:
+    return HEADER.pack(ftype, flags, 0, request_id, length)
 
 
 def encode_frame(ftype: FrameType, flags: FrameFlag, request_id: int, payload: bytes) -> bytes:
