@@ -143,6 +143,14 @@ def test_client_context_is_strict(ca_dir: Path) -> None:
     assert ctx.options & ssl.OP_NO_RENEGOTIATION
 
 
+def test_server_context_is_strict_and_sends_one_ticket(ca_dir: Path) -> None:
+    ctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+    assert ctx.minimum_version is TLS12 and ctx.verify_mode is ssl.CERT_REQUIRED
+    assert ctx.verify_flags & ssl.VERIFY_X509_STRICT
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION and ctx.options & ssl.OP_NO_COMPRESSION
+    assert ctx.num_tickets == 1  # resumption works with one (test_client_resumes_a_session)
+
+
 # --- the client side on loopback ----------------------------------------------------------------
 
 
