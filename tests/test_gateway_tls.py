@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 import l4proxy.gateway
 from l4proxy.config import LimitsConfig, TargetConfig, TargetProtocol
 from l4proxy.gateway import (
+    CheckCache,
     ClientCheck,
     ClientRejected,
     RejectCode,
@@ -37,7 +38,7 @@ from l4proxy.gateway import (
     check_client,
     run_tcp_session,
 )
-from l4proxy.gateway._upstream import open_upstream, upstream_ssl_context
+from l4proxy.gateway._upstream import connect_tcp, open_upstream, upstream_ssl_context
 from l4proxy.identity import L4PROXY_IDENTITY_OID, CertificateAuthority, Identity, identity_uri, init_ca
 from l4proxy.tls import TlsHandshakeError, TlsStream
 
@@ -131,10 +132,40 @@ def _no_locks(identity: Identity, serial: int) -> str | None:
     return None
 
 
+def _outcome(call: Callable[[], ClientCheck]) -> tuple[Any, ...]:
+    try:
+        return ("ok", call())
+    except ClientRejected as exc:
+        return ("rejected", exc.code, exc.reason)
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
 def _check(ca: CertificateAuthority, cert: x509.Certificate, now: datetime,
            locked: Callable[[Identity, int], str | None] = _no_locks) -> ClientCheck:
-    return check_client(cert, ca_bundle=ca.bundle(now=now), trust_domain=TD, max_lifetime=MAX_LIFETIME,
-                        now=now, locked=locked)
+    """check_client -- and the gateway's CheckCache, cold and then warm, must agree (the
+    cache gets the lock answers check_client got, and may ask only what it asked)."""
+    bundle = ca.bundle(now=now)
+    answers: dict[tuple[Identity, int], str | None] = {}
+
+    def asked(identity: Identity, serial: int) -> str | None:
+        answers[(identity, serial)] = locked(identity, serial)
+        return answers[(identity, serial)]
+
+    direct = _outcome(lambda: check_client(cert, ca_bundle=bundle, trust_domain=TD,
+                                           max_lifetime=MAX_LIFETIME, now=now, locked=asked))
+    cache = CheckCache(ca_bundle=bundle, trust_domain=TD)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    for _ in ("cold", "warm"):
+        cached = _outcome(lambda: cache.check(der, max_lifetime=MAX_LIFETIME, now=now,
+                                              locked=lambda i, s: answers[(i, s)])[1])
+        assert cached == direct
+    if direct[0] == "rejected":
+        raise ClientRejected(direct[2], direct[1])
+    if direct[0] == "error":
+        raise ValueError(direct[1])
+    result: ClientCheck = direct[1]
+    return result
 
 
 def _connect(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
@@ -554,6 +585,40 @@ def test_check_client_refuses_caller_bugs(ca: CertificateAuthority, now: datetim
                      now=now, locked=_no_locks)
 
 
+def test_the_check_cache_keeps_only_what_does_not_depend_on_the_time(
+        ca: CertificateAuthority, now: datetime) -> None:
+    _, cert = _mint(ca, now)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    cache = CheckCache(ca_bundle=ca.bundle(now=now), trust_domain=TD, size=2)
+    first, result = cache.check(der, max_lifetime=MAX_LIFETIME, now=now, locked=_no_locks)
+    assert result.identity == ALICE
+    again, _ = cache.check(der, max_lifetime=MAX_LIFETIME, now=now, locked=_no_locks)
+    assert again is first  # parsed and verified once
+    # still decided at every check: the time, the lifetime limit, the locks
+    with pytest.raises(ClientRejected) as info:
+        cache.check(der, max_lifetime=MAX_LIFETIME, now=cert.not_valid_after_utc + timedelta(seconds=1),
+                    locked=_no_locks)
+    assert info.value.code == RejectCode.EXPIRED
+    with pytest.raises(ClientRejected) as info:
+        cache.check(der, max_lifetime=timedelta(minutes=1), now=now, locked=_no_locks)
+    assert info.value.code == RejectCode.LIFETIME
+    with pytest.raises(ClientRejected) as info:
+        cache.check(der, max_lifetime=MAX_LIFETIME, now=now, locked=lambda i, s: "locked now")
+    assert info.value.code == RejectCode.LOCKED
+    # bounded: the least recently used certificate goes
+    others = [_mint(ca, now, BOB)[1], _mint(ca, now, BOB)[1]]
+    for other in others:
+        cache.check(other.public_bytes(serialization.Encoding.DER), max_lifetime=MAX_LIFETIME,
+                    now=now, locked=_no_locks)
+    assert len(cache) == 2
+    assert cache.check(der, max_lifetime=MAX_LIFETIME, now=now, locked=_no_locks)[0] is not first
+    with pytest.raises(ClientRejected) as info:
+        cache.check(b"\x30\x03not a certificate", max_lifetime=MAX_LIFETIME, now=now, locked=_no_locks)
+    assert info.value.code == RejectCode.MALFORMED
+    with pytest.raises(ValueError):
+        CheckCache(ca_bundle=(), trust_domain=TD, size=0)
+
+
 def test_a_rotated_away_ca_stops_counting(ca_dir: Path, ca: CertificateAuthority,
                                           other_ca: CertificateAuthority, now: datetime) -> None:
     _, cert = _mint(ca, now)
@@ -702,3 +767,32 @@ async def test_tcp_session_half_close_reaches_a_tls_upstream(ca_dir: Path) -> No
     assert request == b"the request"
     assert answer == b"got: the request"
     assert reason == "closed"
+
+
+# --- the plain TCP connect under every upstream ------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_connect_tcp_reaches_ip_literals_directly_and_names_through_resolution(host: str) -> None:
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    try:
+        listeners = await trio.open_tcp_listeners(0, host="::1" if host == "::1" else "127.0.0.1")
+    except OSError:
+        pytest.skip(f"no loopback for {host} here")
+    listener = listeners[0]
+    assert isinstance(listener, trio.SocketListener)
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        stream = await connect_tcp(host, port)
+        server = await listener.accept()
+        await stream.send_all(b"ping")
+        assert await server.receive_some(4) == b"ping"
+        assert stream.socket.family == family
+        # like open_tcp_stream: no Nagle delay on the data path
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await stream.aclose()
+        await server.aclose()
+        port_gone = port
+        await listener.aclose()
+        with pytest.raises(OSError):
+            await connect_tcp(host if host != "localhost" else "127.0.0.1", port_gone)

@@ -7,7 +7,8 @@
   and the recorder;
 * :class:`TlsStream`, :func:`server_context`, :func:`client_context` (from
   :mod:`l4proxy.tls`, re-exported so ``from l4proxy.gateway import TlsStream`` still works);
-* :func:`check_client` (``_certcheck.py``): the certificate check after every handshake,
+* :func:`check_client` (``_certcheck.py``): the certificate check after every handshake
+  (:class:`CheckCache`: the same, keeping per certificate what does not depend on the time),
   resumed sessions included.
 """
 
@@ -23,7 +24,15 @@ from l4proxy.tls import (
     server_context,
 )
 
-from ._certcheck import ClientCheck, ClientRejected, LockLookup, RejectCode, check_client, lock_lookup
+from ._certcheck import (
+    CheckCache,
+    ClientCheck,
+    ClientRejected,
+    LockLookup,
+    RejectCode,
+    check_client,
+    lock_lookup,
+)
 from ._hooks import (
     ALLOW,
     AllowAll,
@@ -53,6 +62,7 @@ __all__ = [
     "DEFAULT_READ_SIZE",
     "WRITE_SLICE",
     "AllowAll",
+    "CheckCache",
     "ClientCheck",
     "ClientRejected",
     "Decision",

@@ -5,8 +5,9 @@ Theory of operation: each listener accepts TCP connections and hands each to
 ``Gateway._handle``, which runs, in order and all within ``handshake_timeout``: the TLS
 handshake (``TlsStream``, which flushes the alert when a handshake fails), our own checks
 of the client certificate on every connection, resumed sessions included
-(``check_client``: validity window, clientAuth, CA:FALSE, maximum lifetime, identity in
-our trust domain, no lock on the identity, its groups or the serial), routing by SNI name
+(``check_client``, through the state's ``CheckCache``, which keeps per certificate what
+does not depend on the time: validity window, clientAuth, CA:FALSE, maximum lifetime,
+identity in our trust domain, no lock on the identity, its groups or the serial), routing by SNI name
 to a target, and the target's connect access. Only then does the connection count as a
 session (so slow or idle handshakes never hold session capacity), get a UUIDv7 id, and
 run ``run_cwp_session`` / ``run_tcp_session`` with a ``SessionControl`` in the registry.
@@ -48,7 +49,7 @@ from l4proxy.tls import TlsHandshakeError, TlsStream, server_context
 from l4proxy.wire import ErrorCode, connection_error_frame
 from replay import seal_after_crash
 
-from ._certcheck import ClientRejected, check_client, lock_lookup
+from ._certcheck import CheckCache, ClientRejected, check_client, lock_lookup
 from ._hooks import SessionInfo, SessionObserver
 from ._recorder import Recorder
 from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
@@ -97,6 +98,8 @@ class GatewayState:
     upstream_contexts: Mapping[str, ssl.SSLContext]
     ca_bundle: tuple[x509.Certificate, ...]
     trust_domain: str
+    #: the client-certificate checks of this configuration's bundle and trust domain
+    cert_checks: CheckCache
 
     @classmethod
     def build(cls, config: Config, *, now: datetime) -> GatewayState:
@@ -131,7 +134,8 @@ class GatewayState:
         return cls(config=config, listeners=listeners,
                    targets={t.name: t for t in config.targets},
                    upstream_contexts=upstream_contexts, ca_bundle=bundle,
-                   trust_domain=config.ca.trust_domain)
+                   trust_domain=config.ca.trust_domain,
+                   cert_checks=CheckCache(ca_bundle=bundle, trust_domain=config.ca.trust_domain))
 
 
 def _remember_sni(ssl_object: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -449,11 +453,9 @@ class Gateway:
         try:
             if not der:
                 raise ClientRejected("no client certificate", "malformed")
-            cert = x509.load_der_x509_certificate(der)
-            check = check_client(
-                cert, ca_bundle=state.ca_bundle, trust_domain=state.trust_domain,
-                max_lifetime=timedelta(seconds=limits.max_cert_lifetime), now=datetime.now(UTC),
-                locked=lock_lookup(locks, now=time.time()))
+            cert, check = state.cert_checks.check(
+                der, max_lifetime=timedelta(seconds=limits.max_cert_lifetime),
+                now=datetime.now(UTC), locked=lock_lookup(locks, now=time.time()))
         except ClientRejected as exc:
             await self._refuse(tls, target, peer, exc.code, exc.reason,
                                _REJECT_CODES.get(exc.code, ErrorCode.DENIED_BY_POLICY))
@@ -536,7 +538,9 @@ class Gateway:
             return
         self.audit.write("session_start", {**info.log_fields(), "protocol": str(target.protocol),
                                            "listener": info.listener})
-        log.info("session %s started: %s -> %s", info.session_id, info.identity.name, target.name)
+        # DEBUG: on the path of every new connection, and the audit log's session_start
+        # has it all; the "ended" line (with its reason) stays at INFO
+        log.debug("session %s started: %s -> %s", info.session_id, info.identity.name, target.name)
         stats = _SessionStats()
         observers: list[SessionObserver] = [
             _AuditObserver(self.audit, info),

@@ -7,6 +7,7 @@ variable; it is never logged, and errors name the source, never the value.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 import stat
@@ -18,7 +19,7 @@ from l4proxy.tls import DEFAULT_READ_SIZE, TlsStream
 
 from ._session import UpstreamUnavailable
 
-__all__ = ["open_upstream", "read_credential", "upstream_ssl_context"]
+__all__ = ["connect_tcp", "open_upstream", "read_credential", "upstream_ssl_context"]
 
 #: a credential longer than this is not a credential
 MAX_CREDENTIAL_BYTES = 4096
@@ -71,6 +72,28 @@ def upstream_ssl_context(target: TargetConfig) -> ssl.SSLContext:
     return ctx
 
 
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """``trio.open_tcp_stream``, with a short cut for an IP address: one socket and one
+    connect, without the name resolution and happy-eyeballs machinery (measured: half a
+    millisecond of CPU per session, on the path of every new connection).
+
+    Raises:
+        OSError: the connection failed.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 async def open_upstream(target: TargetConfig, ctx: ssl.SSLContext | None = None, *,
                         read_size: int = DEFAULT_READ_SIZE) -> trio.abc.Stream:
     """Connect to the target (TCP, then TLS when configured). The caller bounds the time.
@@ -89,7 +112,7 @@ async def open_upstream(target: TargetConfig, ctx: ssl.SSLContext | None = None,
             (:class:`~l4proxy.tls.TlsHandshakeError`, a ``BrokenResourceError``).
     """
     host, port = target.upstream
-    tcp = await trio.open_tcp_stream(host, port)
+    tcp = await connect_tcp(host, port)
     if not target.upstream_tls:
         return tcp
     tls = TlsStream(tcp, ctx or upstream_ssl_context(target), server_side=False,

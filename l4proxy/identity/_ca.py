@@ -75,9 +75,12 @@ __all__ = [
     "CaExists",
     "CaFiles",
     "CertificateAuthority",
+    "LeafFacts",
     "check_leaf",
     "init_ca",
+    "leaf_facts",
     "leaf_identity",
+    "leaf_problems",
     "load_recording_keyring",
     "read_identity_extension",
     "read_recording_key_history",
@@ -481,6 +484,10 @@ def check_leaf(cert: x509.Certificate, *, ca_bundle: Sequence[x509.Certificate],
     identity URI of ``trust_domain``; the identity extension present, well formed and
     naming the same provider; no critical extension we do not know.
 
+    It is :func:`leaf_facts` (what does not depend on the time) then
+    :func:`leaf_problems` (the rest, at ``now``): a caller that sees the same certificate
+    again may keep the facts.
+
     Args:
         cert: the peer's leaf certificate.
         ca_bundle: the trusted CAs (see :func:`trust_bundle`).
@@ -491,21 +498,47 @@ def check_leaf(cert: x509.Certificate, *, ca_bundle: Sequence[x509.Certificate],
         Human-readable problems (they name no secrets); empty when the certificate is
         acceptable.
     """
+    return leaf_problems(cert, leaf_facts(cert, ca_bundle=ca_bundle, trust_domain=trust_domain),
+                         now=now)
+
+
+@dataclass(frozen=True, slots=True)
+class LeafFacts:
+    """What :func:`check_leaf` finds about a certificate that does not depend on the time:
+    a pure function of the certificate, the CA bundle and the trust domain."""
+
+    #: the CAs of the bundle whose signature the certificate carries
+    issuers: tuple[x509.Certificate, ...]
+    #: the problems of its extensions (CA:FALSE, clientAuth, identity URI and extension...)
+    problems: tuple[str, ...]
+
+
+def leaf_facts(cert: x509.Certificate, *, ca_bundle: Sequence[x509.Certificate],
+               trust_domain: str) -> LeafFacts:
+    """The time-independent half of :func:`check_leaf` (the signature checks and the
+    extensions: most of its cost)."""
+    issuers = tuple(ca for ca in ca_bundle if _issued_by(cert, ca))
+    try:
+        problems = tuple(_extension_problems(cert, trust_domain))
+    except _EXTENSION_ERRORS:
+        problems = ("malformed certificate extensions",)
+    return LeafFacts(issuers=issuers, problems=problems)
+
+
+def leaf_problems(cert: x509.Certificate, facts: LeafFacts, *, now: datetime) -> list[str]:
+    """:func:`check_leaf`'s answer at ``now`` from the certificate's :func:`leaf_facts`
+    (the issuing CA valid now, ``now`` within the validity window)."""
     now = _utc(now)
     problems: list[str] = []
-    issuers = [ca for ca in ca_bundle if _issued_by(cert, ca)]
-    if not issuers:
+    if not facts.issuers:
         problems.append("not signed by a CA in the trust bundle")
-    elif not any(ca.not_valid_before_utc <= now <= ca.not_valid_after_utc for ca in issuers):
+    elif not any(ca.not_valid_before_utc <= now <= ca.not_valid_after_utc for ca in facts.issuers):
         problems.append("the issuing CA is not valid now")
     if now < cert.not_valid_before_utc:
         problems.append(f"not valid before {_iso(cert.not_valid_before_utc)}")
     if now > cert.not_valid_after_utc:
         problems.append(f"expired at {_iso(cert.not_valid_after_utc)}")
-    try:
-        problems.extend(_extension_problems(cert, trust_domain))
-    except _EXTENSION_ERRORS:
-        problems.append("malformed certificate extensions")
+    problems.extend(facts.problems)
     return problems
 
 
