@@ -3,7 +3,7 @@
 The allocator
 -------------
 
-Why: the data path allocates and frees buffers of up to ``limits.read_size`` (256 KiB)
+Why: the data path allocates and frees buffers of up to ``limits.read_size`` (1 MiB)
 per read -- the ciphertext read, the plaintext, the frame re-encoded upstream -- and the
 recorder a few MiB per flush unit. glibc serves allocations above its mmap threshold
 (128 KiB at start, raised dynamically up to 32 MiB only after such a block is freed) with a

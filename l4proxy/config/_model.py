@@ -224,7 +224,11 @@ class LimitsConfig:
     max_sessions: int = 10_000
     max_session_length: float = 8 * 3600.0
     upstream_connect_timeout: float = 10.0
-    read_size: int = 256 << 10
+    #: bytes read from a socket at once. 1 MiB: measured 10-15 % less relay CPU per byte
+    #: than 256 KiB (fewer trips through the codec, the observers and the recorder's
+    #: per-record work); a session moving data holds up to about two reads per direction
+    #: while its send waits, an idle one none
+    read_size: int = 1 << 20
     #: bytes buffered per direction before the reader waits (backpressure)
     max_buffered: int = 1 << 20
     #: the longest client-certificate lifetime accepted (our own check, beyond TLS)
