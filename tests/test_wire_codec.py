@@ -948,3 +948,42 @@ def test_send_data_swallows_what_send_swallows() -> None:
         drain(conn)
     assert one.send(Data(request_id=1, data=b"01234")) == b""
     assert two.send_data(Data(request_id=1, data=b"01234")) == ()
+
+
+def test_a_data_frame_starting_inside_a_read_kept_in_place_is_parsed_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # large reads and large DATA frames seldom line up: when one payload ends inside a read
+    # and the next DATA frame starts there, its header and payload come from the read
+    # itself, not from a copy of the read's rest in the buffer
+    client, server = open_pair()
+    size = 3000
+    put = Request(request_id=1, op=Op.PUT, args={"bucket": "b", "key": "k", "size": size})
+    assert feed(server, client.send(put)) == [put]
+    client.receive_data(server.send(Continue(request_id=1)))
+    assert drain(client) == [Continue(request_id=1)]
+    body = bytes(range(256)) * 12
+    stream = (client.send(Data(request_id=1, data=body[:1000]))
+              + client.send(Data(request_id=1, data=body[1000:1500]))  # wholly inside read 2
+              + client.send(Data(request_id=1, data=body[1500:size], end_stream=True))
+              + client.send(Request(request_id=2, op=Op.PING)))
+    header = wire.HEADER_SIZE
+    cuts = [0, header + 10, header + 1000 + 2 * header + 500 + 100, len(stream)]
+    reads = [stream[a:b] for a, b in itertools.pairwise(cuts)]
+    copied: list[int] = []
+    real = server._undirect
+
+    def undirect() -> None:
+        if server._direct is not None:
+            copied.append(len(server._direct) - server._dpos)
+        real()
+
+    monkeypatch.setattr(server, "_undirect", undirect)
+    events = [e for r in reads for e in feed(server, r)]
+    data = [e for e in events if isinstance(e, Data)]
+    assert b"".join(e.data for e in data) == body[:size]
+    assert [len(e.data) for e in data] == [10, 990, 500, 100, 1400]
+    assert data[-1].end_stream and not any(e.end_stream for e in data[:-1])
+    assert events[-1] == Request(request_id=2, op=Op.PING)
+    # only the rest of the last read (a PING) went through the buffer
+    assert copied == [len(reads[-1]) - 1400]
+    assert server.buffered == 0

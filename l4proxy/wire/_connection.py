@@ -119,6 +119,7 @@ _ALLOWED_FLAGS[FrameType.REQUEST] = FrameFlag.BODY
 _ALLOWED_FLAG_BITS: dict[FrameType, int] = {t: int(f) for t, f in _ALLOWED_FLAGS.items()}
 #: lookup tables for the header's type and flags bytes (cheaper than enum calls)
 _FRAME_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}
+_DATA_TYPE = int(FrameType.DATA)
 _FLAGS: tuple[FrameFlag, ...] = tuple(FrameFlag(b & int(FrameFlag.END_STREAM | FrameFlag.BODY))
                                       for b in range(256))
 # request id: 0 = must be zero, 1 = must be non-zero, None = either
@@ -384,7 +385,18 @@ class Connection:
                 if self._dpos == len(direct):
                     self._direct = None
                 return self._data_piece(self._partial, piece)
-            self._undirect()  # the payload ended inside this read: parse the rest from _buf
+            if (len(direct) - start >= HEADER_SIZE and direct[start] == _DATA_TYPE
+                    and self._pos == len(self._buf)):
+                # the payload ended inside this read and the next DATA frame starts in
+                # it: its header is parsed in place and its payload handed out from the
+                # read too (large reads and large frames seldom line up, and moving the
+                # rest of each read into _buf copied about half of every byte twice)
+                _, raw_flags, reserved, rid, length = HEADER.unpack_from(direct, start)
+                self._dpos = start + HEADER_SIZE
+                if self._dpos == len(direct):
+                    self._direct = None
+                return self._start_data(raw_flags, reserved, rid, length)
+            self._undirect()  # anything else: parse the rest from _buf
         if self._partial is not None:
             return self._next_data_piece(self._partial)
         avail = len(self._buf) - self._pos
@@ -396,17 +408,10 @@ class Connection:
                 return ConnectionClosed()
             return NEED_DATA
         raw_type, raw_flags, reserved, rid, length = HEADER.unpack_from(self._buf, self._pos)
-        ftype, flags = self._check_header(self.their_role, raw_type, raw_flags, reserved, rid, length)
-        if ftype is FrameType.DATA:
-            swallow, next_state = self._check_body(self.their_role, rid, BodyKind.DATA,
-                                                   bool(flags & FrameFlag.END_STREAM), length)
+        if raw_type == _DATA_TYPE:
             self._pos += HEADER_SIZE
-            self._partial = _PartialData(
-                sender=self.their_role, request_id=rid, remaining=length,
-                end_stream=bool(flags & FrameFlag.END_STREAM), swallow=swallow,
-            )
-            del next_state  # applied when the last piece is handed out
-            return self._next_data_piece(self._partial)
+            return self._start_data(raw_flags, reserved, rid, length)
+        ftype, flags = self._check_header(self.their_role, raw_type, raw_flags, reserved, rid, length)
         if avail < HEADER_SIZE + length:
             if self._eof:
                 self._remote("connection closed in the middle of a frame")
@@ -417,6 +422,22 @@ class Connection:
         self._pos = start + length
         self._compact()
         return event
+
+    def _start_data(self, raw_flags: int, reserved: int, rid: int,
+                    length: int) -> Event | NeedData | _Swallowed:
+        """A DATA header was read (the caller moved past it): check it, then hand out the
+        first piece of its payload (from the read kept in place, or from ``_buf``)."""
+        _, flags = self._check_header(self.their_role, _DATA_TYPE, raw_flags, reserved, rid, length)
+        swallow, next_state = self._check_body(self.their_role, rid, BodyKind.DATA,
+                                               bool(flags & FrameFlag.END_STREAM), length)
+        del next_state  # applied when the last piece is handed out
+        self._partial = _PartialData(
+            sender=self.their_role, request_id=rid, remaining=length,
+            end_stream=bool(flags & FrameFlag.END_STREAM), swallow=swallow,
+        )
+        if self._direct is not None:
+            return self._next_event()
+        return self._next_data_piece(self._partial)
 
     def _next_data_piece(self, partial: _PartialData) -> Event | NeedData | _Swallowed:
         avail = len(self._buf) - self._pos
