@@ -25,8 +25,16 @@ __all__ = ["send_all_parts"]
 
 Buffer = bytes | bytearray | memoryview
 
-#: the most buffers one sendmsg takes (POSIX guarantees 16; Linux allows 1024)
-_IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16))
+
+def _iov_max() -> int:
+    """The most buffers one sendmsg takes (POSIX guarantees 16; Linux allows 1024)."""
+    try:
+        return max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+    except (AttributeError, ValueError, OSError):
+        return 16
+
+
+_IOV_MAX = _iov_max()
 
 
 async def send_all_parts(stream: trio.abc.SendStream, parts: Sequence[Buffer]) -> None:
