@@ -907,16 +907,21 @@ def test_public_surface() -> None:
             "negotiate_limits"} <= set(wire.__all__)
 
 
+def _uploading() -> tuple[wire.Connection, wire.Connection]:
+    """A client with a PUT of 10 bytes (request 1) that the server told to go on."""
+    client, server = open_pair()
+    server.receive_data(client.send(Request(request_id=1, op=Op.PUT,
+                                            args={"bucket": "b", "key": "k", "size": 10})))
+    drain(server)
+    client.receive_data(server.send(Continue(request_id=1)))
+    drain(client)
+    return client, server
+
+
 def test_send_data_is_send_split_into_header_and_payload() -> None:
     """The gateway's vectored path: the same bytes and the same state changes as send()."""
-    one, server_one = open_pair()
-    two, server_two = open_pair()
-    for conn, server in ((one, server_one), (two, server_two)):
-        server.receive_data(conn.send(Request(request_id=1, op=Op.PUT,
-                                              args={"bucket": "b", "key": "k", "size": 10})))
-        drain(server)
-        conn.receive_data(server.send(Continue(request_id=1)))
-        drain(conn)
+    one, _ = _uploading()
+    two, _ = _uploading()
     payload = b"0123456789"
     piece = payload[:4]
     whole = one.send(Data(request_id=1, data=piece))
@@ -934,14 +939,9 @@ def test_send_data_is_send_split_into_header_and_payload() -> None:
 
 def test_send_data_swallows_what_send_swallows() -> None:
     """Body pieces of an upload the server already refused: send() gives b"", send_data ()."""
-    one, server_one = open_pair()
-    two, server_two = open_pair()
+    one, server_one = _uploading()
+    two, server_two = _uploading()
     for conn, server in ((one, server_one), (two, server_two)):
-        server.receive_data(conn.send(Request(request_id=1, op=Op.PUT,
-                                              args={"bucket": "b", "key": "k", "size": 10})))
-        drain(server)
-        conn.receive_data(server.send(Continue(request_id=1)))
-        drain(conn)
         conn.send(Data(request_id=1, data=b"01"))
         conn.receive_data(server.send(Error(request_id=1, code=ErrorCode.NOT_FOUND,
                                             message="no bucket")))
