@@ -981,3 +981,73 @@ async def test_session_control_keeps_the_end_behind_any_number_of_goaways() -> N
             await trio.sleep(0.01)
             waiting.end(ErrorCode.CERTIFICATE_EXPIRED, "expired")  # wakes the waiter
     assert got == [("end", ErrorCode.CERTIFICATE_EXPIRED, "expired")]
+
+
+# --- a DATA frame sent in parts is observed whole ---------------------------------------------
+
+
+class _StallingObserver:
+    """Keeps what it is shown, then stalls (a recorder waiting for a slow disk)."""
+
+    def __init__(self, *, parts: bool) -> None:
+        self.seen: list[bytes] = []
+        if parts:
+            self.server_parts = self._parts
+
+    async def client_bytes(self, data: bytes) -> None:
+        return None
+
+    async def server_bytes(self, data: bytes) -> None:
+        self.seen.append(bytes(data))
+        await trio.sleep_forever()
+
+    async def _parts(self, parts: Sequence[bytes]) -> None:
+        self.seen.extend(bytes(p) for p in parts)  # every part before the first checkpoint
+        await trio.sleep_forever()
+
+    async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        return None
+
+    async def closed(self, reason: str) -> None:
+        return None
+
+
+def _drained(conn: Connection) -> None:
+    while conn.next_event() is not NEED_DATA:
+        pass
+
+
+@pytest.mark.parametrize("parts", [True, False], ids=["server_parts", "server_bytes"])
+async def test_a_data_frame_is_observed_whole_even_when_the_session_is_cancelled(parts: bool) -> None:
+    """The gateway sends a DATA frame's header and payload without joining them; an
+    observer still sees the frame whole before anything is sent, so a session cancelled
+    while the observer makes it wait (the recorder's backpressure) never leaves a header
+    observed without its payload (the recording's stream would be misaligned)."""
+    from l4proxy.gateway._session import _CwpSession
+
+    a, b = trio.testing.memory_stream_pair()
+    hooks = SessionHooks.default()
+    observer = _StallingObserver(parts=parts)
+    hooks.observer = observer
+    info = SessionInfo(session_id="s", identity=Identity(provider="dev", subject="a"), serial=1,
+                       not_after=datetime.now(UTC) + timedelta(hours=1), target="t",
+                       client_address="x")
+    session = _CwpSession(info, a, target=TargetConfig(name="t", upstream=("127.0.0.1", 1)),
+                          limits=LimitsConfig(), open_upstream=None, read_credential=lambda: "",
+                          hooks=hooks, control=SessionControl(), max_hold_seconds=10)
+    client = Connection(Role.CLIENT)
+    session.down.receive_data(client.send(Hello(client="c")))
+    _drained(session.down)
+    client.receive_data(session.down.send(Welcome(server="s", session_id="x")))
+    _drained(client)
+    session.down.receive_data(client.send(Request(request_id=1, op=Op.GET,
+                                                  args={"bucket": "b", "key": "k"})))
+    _drained(session.down)
+    client.receive_data(session.down.send(Response(request_id=1, size=10)))
+    _drained(client)
+    with trio.move_on_after(0.2):
+        await session.to_client(Data(request_id=1, data=b"0123456789", end_stream=True))
+    frame = b"".join(observer.seen)
+    assert len(frame) == 12 + 10 and frame.endswith(b"0123456789")
+    with trio.move_on_after(0.1):  # and nothing was sent
+        assert await b.receive_some() == b"unreachable"

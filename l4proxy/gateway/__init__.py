@@ -43,6 +43,7 @@ from ._hooks import (
     ResponseTransform,
     SessionInfo,
     SessionObserver,
+    observe_server_parts,
 )
 from ._server import Gateway, GatewayConfigError, GatewayState, may_connect, route
 from ._session import (
@@ -87,6 +88,7 @@ __all__ = [
     "client_context",
     "lock_lookup",
     "may_connect",
+    "observe_server_parts",
     "route",
     "run_cwp_session",
     "run_tcp_session",

@@ -11,7 +11,7 @@ The defaults allow everything, change nothing and record nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ __all__ = [
     "ResponseTransform",
     "SessionInfo",
     "SessionObserver",
+    "observe_server_parts",
 ]
 
 
@@ -94,13 +95,31 @@ class SessionObserver(Protocol):
         """Bytes exactly as the client sent them (after TLS)."""
 
     async def server_bytes(self, data: bytes) -> None:
-        """Bytes exactly as the client received them (before TLS)."""
+        """Bytes exactly as the client received them (before TLS).
+
+        An observer may also have ``async def server_parts(self, parts)``: the same for
+        one message given in parts (a DATA frame's header and payload, which the gateway
+        sends without joining them). It must take in every part before its first
+        checkpoint, so that a cancelled session never leaves half a frame observed.
+        Without it the observer gets ``server_bytes`` of the joined parts
+        (:func:`observe_server_parts`).
+        """
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
         """A decoded protocol event or a decision."""
 
     async def closed(self, reason: str) -> None:
         """The session ended."""
+
+
+async def observe_server_parts(observer: SessionObserver, parts: Sequence[bytes]) -> None:
+    """Show ``observer`` one message sent to the client in parts, whole, in one call:
+    its ``server_parts`` if it has one, else ``server_bytes`` of the joined parts."""
+    server_parts = getattr(observer, "server_parts", None)
+    if server_parts is not None:
+        await server_parts(parts)
+    else:
+        await observer.server_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
 class AllowAll:
@@ -118,6 +137,9 @@ class NoObserver:
         return None
 
     async def server_bytes(self, data: bytes) -> None:
+        return None
+
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
         return None
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:

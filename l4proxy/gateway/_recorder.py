@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,14 @@ class SessionRecorder:
 
     async def server_bytes(self, data: bytes) -> None:
         self._writer().add_to_client(data)
+        await self._backpressure()
+
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
+        """One message in parts: every part is recorded before the first checkpoint (a
+        session cancelled while the recorder makes it wait never leaves half a frame)."""
+        writer = self._writer()
+        for part in parts:
+            writer.add_to_client(part)
         await self._backpressure()
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:

@@ -30,7 +30,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,7 +50,7 @@ from l4proxy.wire import ErrorCode, connection_error_frame
 from replay import seal_after_crash
 
 from ._certcheck import CheckCache, ClientRejected, check_client, lock_lookup
-from ._hooks import SessionInfo, SessionObserver
+from ._hooks import SessionInfo, SessionObserver, observe_server_parts
 from ._recorder import Recorder
 from ._session import SessionControl, SessionHooks, run_cwp_session, run_tcp_session
 from ._upstream import open_upstream, read_credential, upstream_ssl_context
@@ -187,6 +187,9 @@ class _AuditObserver:
         return None
 
     async def server_bytes(self, data: bytes) -> None:
+        return None
+
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
         return None
 
     def _write_request(self, decision: Mapping[str, Any] | None) -> None:
@@ -741,6 +744,9 @@ class _SessionStats:
     async def server_bytes(self, data: bytes) -> None:
         self.to_client += len(data)
 
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
+        self.to_client += sum(len(p) for p in parts)
+
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
         if kind == "request":
             self.requests += 1
@@ -766,6 +772,9 @@ class _ByteCounter:
     async def server_bytes(self, data: bytes) -> None:
         self.sent.inc(len(data))
 
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
+        self.sent.inc(sum(len(p) for p in parts))
+
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
         return None
 
@@ -788,6 +797,10 @@ class _Observers:
     async def server_bytes(self, data: bytes) -> None:
         for obs in self.observers:
             await obs.server_bytes(data)
+
+    async def server_parts(self, parts: Sequence[bytes]) -> None:
+        for obs in self.observers:
+            await observe_server_parts(obs, parts)
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
         for obs in self.observers:

@@ -81,6 +81,7 @@ from ._hooks import (
     ResponseTransform,
     SessionInfo,
     SessionObserver,
+    observe_server_parts,
 )
 
 __all__ = [
@@ -263,8 +264,7 @@ class _CwpSession:
             if type(event) is Data:  # header and payload apart: a vectored send, no join
                 parts = self.down.send_data(event)
                 if parts:
-                    for part in parts:
-                        await self.hooks.observer.server_bytes(part)
+                    await observe_server_parts(self.hooks.observer, parts)
                     await send_all_parts(self.client, parts)
                     self.activity.touch()
                 return
