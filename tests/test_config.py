@@ -959,6 +959,16 @@ drain_timeout = "10s"
     assert (limits.read_size, limits.max_buffered, limits.expiry_grace) == (16 << 20, 64 << 20, 30.0)
 
 
+@pytest.mark.parametrize(("max_buffered", "read_size"), [
+    ("512KiB", 512 << 10), ("128KiB", 128 << 10), ("4MiB", LimitsConfig().read_size)])
+def test_read_size_left_out_never_exceeds_max_buffered(tmp_path: Path, max_buffered: str,
+                                                       read_size: int) -> None:
+    # the default read size (1MiB) gives way to a smaller max_buffered: a configuration
+    # written when the default was 256KiB still loads
+    limits = load_config(write(tmp_path, GATEWAY + f'[limits]\nmax_buffered = "{max_buffered}"\n')).limits
+    assert limits.read_size == read_size
+
+
 @pytest.mark.parametrize("key", ["handshake_timeout", "idle_timeout", "max_session_length",
                                  "upstream_connect_timeout", "max_cert_lifetime", "expiry_notice",
                                  "drain_timeout"])
@@ -976,7 +986,8 @@ def test_limits_durations_must_be_positive(tmp_path: Path, key: str) -> None:
     ('read_size = "2KiB"', "limits.read_size", "must be from 4KiB to 16MiB"),
     ('read_size = "32MiB"', "limits.read_size", "must be from 4KiB to 16MiB"),
     ('max_buffered = "128MiB"', "limits.max_buffered", "must be from 4KiB to 64MiB"),
-    ('max_buffered = "128KiB"', "limits.max_buffered", "must be at least limits.read_size (its default)"),
+    ('read_size = "256KiB"\nmax_buffered = "128KiB"', "limits.read_size",
+     "must not exceed limits.max_buffered"),
     ('read_size = "2MiB"', "limits.read_size", "must not exceed limits.max_buffered (its default)"),
     ('read_size = "64KiB"\nmax_buffered = "32KiB"', "limits.read_size",
      "must not exceed limits.max_buffered"),

@@ -970,7 +970,12 @@ def _limits(root: _Table) -> LimitsConfig:
                        range_text="from 4KiB to 16MiB")
     max_buffered = t.size("max_buffered", minimum=_MIN_READ_SIZE, maximum=_MAX_BUFFERED,
                           range_text="from 4KiB to 64MiB")
-    _ordered(t, "read_size", read_size, d.read_size, "max_buffered", max_buffered, d.max_buffered,
+    # a configuration that lowers max_buffered below the default read size and leaves
+    # read_size out reads at most max_buffered at once (it loaded before the default
+    # read size grew from 256KiB to 1MiB, and still does)
+    read_default = (min(d.read_size, max_buffered) if read_size is None and max_buffered is not None
+                    else d.read_size)
+    _ordered(t, "read_size", read_size, read_default, "max_buffered", max_buffered, d.max_buffered,
              strict=False)
     max_cert_lifetime = t.duration("max_cert_lifetime", maximum=HARD_MAX_CERT_TTL,
                                    maximum_text="24h (the hard cap on certificate lifetimes)")
@@ -985,7 +990,7 @@ def _limits(root: _Table) -> LimitsConfig:
         max_sessions=_or(max_sessions, d.max_sessions),
         max_session_length=_or(max_session_length, d.max_session_length),
         upstream_connect_timeout=_or(upstream_connect_timeout, d.upstream_connect_timeout),
-        read_size=_or(read_size, d.read_size),
+        read_size=_or(read_size, read_default),
         max_buffered=_or(max_buffered, d.max_buffered),
         max_cert_lifetime=_or(max_cert_lifetime, d.max_cert_lifetime),
         expiry_notice=_or(expiry_notice, d.expiry_notice),
