@@ -10,7 +10,8 @@ of every relayed byte (measured: about 0.14 s of CPU per GB here, per copy); a v
 vectored send on a :class:`trio.SocketStream`, :meth:`l4proxy.tls.TlsStream.send_all_parts`
 on a TLS stream (duck-typed: any stream with a ``send_all_parts`` method), and the joined
 bytes on any other stream. The caller serialises its sends (the data path holds a
-:class:`~l4proxy._sync.SendLock`), as it must for ``send_all`` too.
+:class:`~l4proxy._sync.SendLock`), as it must for ``send_all`` too; unlike
+``SocketStream.send_all``, two tasks sending at once are not detected here.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ async def _sendmsg_all(stream: trio.SocketStream, parts: Sequence[Buffer]) -> No
     sock = stream.socket
     if sock.did_shutdown_SHUT_WR:
         raise trio.ClosedResourceError("can't send data after sending EOF")
-    pending: list[Buffer] = [p for p in parts if len(p)]
+    # sizes in bytes: a memoryview of another format counts items, so cast it
+    pending: list[Buffer] = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+    pending = [p for p in pending if len(p)]
     if not pending:
         if sock.fileno() == -1:
             raise trio.ClosedResourceError("socket was already closed")

@@ -10,9 +10,11 @@ requests and answers are small, so large reads would not pay.) trio's stream han
 one 16 KiB TLS record per ``receive_some`` and pays a trip through the scheduler for
 each; a relay built on it reached 0.29x haproxy, and with our own client still on it the
 client was the benchmarks' bottleneck. This one moves ciphertext in large pieces:
-``receive_some`` reads up to ``read_size`` (256 KiB) from the transport at once and
-returns *all* the plaintext that decrypts from it (up to ``max_bytes``); ``send_all``
-encrypts the whole buffer and hands the transport one ``send_all``. Both roles are the
+``receive_some`` reads up to ``read_size`` (256 KiB by default; the gateway's
+``limits.read_size``) from the transport at once and returns *all* the plaintext that
+decrypts from it (up to ``max_bytes``); ``send_all`` (and ``send_all_parts``) encrypts
+the whole message and hands the transport its records in one go: one vectored
+``sendmsg`` on a socket (:mod:`l4proxy._send`), one ``send_all`` on other streams. Both roles are the
 same code: ``server_side`` and, on the client side, ``server_hostname`` (SNI and the
 certificate's name check) and ``session`` (resumption) are all that differ.
 
@@ -558,7 +560,8 @@ class TlsStream(trio.abc.HalfCloseableStream):
     # --- sending -------------------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt ``data`` and send it, as one transport ``send_all`` where it fits.
+        """Encrypt ``data`` and send its records in one go (a vectored ``sendmsg`` on a
+        socket transport, one ``send_all`` on others).
 
         Raises:
             trio.BrokenResourceError: a TLS or transport error, or a cancelled send.
@@ -569,8 +572,11 @@ class TlsStream(trio.abc.HalfCloseableStream):
         await self.send_all_parts((data,))
 
     async def send_all_parts(self, parts: Sequence[Buffer]) -> None:
-        """:meth:`send_all` of the parts one after the other, as one stream of bytes: they
-        are encrypted in turn and their records go out in one vectored send (no join).
+        """:meth:`send_all` of the parts one after the other, as one stream of bytes, in
+        one vectored send of their records (no join). The records are those of the joined
+        bytes -- a part shorter than a record (a frame's header) shares one with what
+        follows -- so the record sizes show no more of the message's structure than
+        :meth:`send_all` would.
 
         Raises:
             As :meth:`send_all`.
@@ -588,12 +594,29 @@ class TlsStream(trio.abc.HalfCloseableStream):
             async with self._send_lock:
                 self._check_open()
                 records: list[bytes] = []
+                write, read = self._ssl.write, self._outgoing.read
+                carry = b""  # the start of a record, from the end of the part before
                 try:
                     for part in parts:
                         with memoryview(part) as view, view.cast("B") as octets:
-                            for off in range(0, len(octets), WRITE_SLICE):
-                                self._ssl.write(octets[off:off + WRITE_SLICE])
-                                records.append(self._outgoing.read())
+                            off, size = 0, len(octets)
+                            if carry:
+                                off = min(WRITE_SLICE - len(carry), size)
+                                carry += octets[:off]
+                                if len(carry) < WRITE_SLICE:
+                                    continue
+                                write(carry)
+                                records.append(read())
+                                carry = b""
+                            while size - off >= WRITE_SLICE:
+                                write(octets[off:off + WRITE_SLICE])
+                                records.append(read())
+                                off += WRITE_SLICE
+                            if off < size:
+                                carry = bytes(octets[off:])
+                    if carry:
+                        write(carry)
+                        records.append(read())
                 except ssl.SSLError as exc:
                     self._state = _State.BROKEN
                     raise trio.BrokenResourceError(f"TLS error: {_reason(exc)}") from exc

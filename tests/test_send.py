@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
 import socket
 
@@ -38,7 +39,8 @@ async def _read_all(stream: trio.abc.ReceiveStream, n: int) -> bytes:
 
 def _parts() -> list[bytes | bytearray | memoryview]:
     big = hashlib.shake_256(b"parts").digest(3 << 20)
-    return [b"head", b"", bytearray(b"middle"), memoryview(big)[7:], big[:100_000], b"tail"]
+    words = memoryview(array.array("I", range(100_000)))  # items of 4 bytes: sizes in bytes
+    return [b"head", b"", bytearray(b"middle"), memoryview(big)[7:], words, big[:100_000], b"tail"]
 
 
 async def test_socket_stream_gets_every_part_in_order_despite_partial_sends() -> None:
@@ -46,7 +48,7 @@ async def test_socket_stream_gets_every_part_in_order_despite_partial_sends() ->
     # a small send buffer: sendmsg takes only part of the 3 MiB each time
     client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     parts = _parts()
-    expected = b"".join(parts)
+    expected = b"".join(bytes(p) for p in parts)
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_all_parts, client, parts)
@@ -84,7 +86,7 @@ async def test_a_peer_that_went_away_is_a_broken_stream() -> None:
 async def test_other_streams_get_the_joined_bytes() -> None:
     a, b = trio.testing.memory_stream_pair()
     parts = _parts()
-    expected = b"".join(parts)
+    expected = b"".join(bytes(p) for p in parts)
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_all_parts, a, parts)

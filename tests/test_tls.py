@@ -529,6 +529,49 @@ async def test_records_split_anywhere_by_the_transport(tmp_path: Path, ca_dir: P
     await server.aclose()
 
 
+def _record_sizes(data: bytes | bytearray) -> list[int]:
+    sizes, pos = [], 0
+    while pos + 5 <= len(data):
+        sizes.append(data[pos + 3] << 8 | data[pos + 4])
+        pos += 5 + sizes[-1]
+    assert pos == len(data)
+    return sizes
+
+
+@VERSIONS
+async def test_parts_are_sent_in_the_records_of_their_joined_bytes(
+        tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, now: datetime,
+        version: ssl.TLSVersion) -> None:
+    """A frame's 12-byte header shares its record with the payload, as in one send_all:
+    the record sizes reveal no more of the message's structure."""
+    crt, pem_key = _client_files(tmp_path, ca, now)
+    cctx = client_context(ca_dir / "ca.crt", cert=crt, key=pem_key)
+    cctx.maximum_version = version
+    sctx = server_context(ca_dir / "server.crt", ca_dir / "server.key", ca_dir / "bundle.pem")
+    a, b = trio.testing.memory_stream_pair()
+    at_client = _Splitting(b, 1)
+    server = TlsStream(a, sctx, server_side=True)
+    client = TlsStream(at_client, cctx, server_side=False, server_hostname="localhost")
+    payload = hashlib.shake_256(b"payload").digest(3 * RECORD + 100)
+    cases = [[b"h" * 12, payload], [b"h" * 12, b"", payload[:50], payload], [payload, b"t" * 7],
+             [b"x" * 5, b"y" * 6], [payload[:RECORD], payload[:RECORD - 1], b"z"]]
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+        for parts in cases:
+            start = len(at_client.sent)
+            await client.send_all_parts(parts)
+            middle = len(at_client.sent)
+            await client.send_all(b"".join(parts))
+            joined = b"".join(parts)
+            assert await _receive_exactly(server, 2 * len(joined)) == joined * 2
+            assert _record_sizes(at_client.sent[start:middle]) == \
+                _record_sizes(at_client.sent[middle:])
+    await client.aclose()
+    await server.aclose()
+
+
 async def test_a_record_header_claiming_too_much_breaks_the_stream(
         tmp_path: Path, ca_dir: Path, ca: CertificateAuthority, now: datetime) -> None:
     server, client = await _pair(tmp_path, ca_dir, ca, now, TLS13)
