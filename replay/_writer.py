@@ -297,8 +297,12 @@ class RecordingWriter:
             with self._lock:
                 self._check_open()
             return
-        if type(data) is bytes and len(data) <= MAX_DATA_PER_RECORD:
-            pieces: list[bytes] = [data]  # immutable already: kept as is, not copied
+        if len(data) <= MAX_DATA_PER_RECORD and (
+                type(data) is bytes
+                or (type(data) is memoryview and data.readonly and data.c_contiguous
+                    and data.format == "B" and type(data.obj) is bytes)):
+            # immutable already (bytes, or a read-only view of bytes): kept as is, not copied
+            pieces: list[bytes | memoryview] = [data]
         else:
             view = memoryview(data).cast("B")
             pieces = [bytes(view[start:start + MAX_DATA_PER_RECORD])

@@ -333,6 +333,27 @@ def test_flushed_byte_records_are_the_standard_encoding_and_chain(first: int, ke
     assert writer.bytes_to_gateway == len(sent) and writer.bytes_to_client == len(received)
 
 
+def test_views_of_bytes_are_kept_and_mutable_buffers_copied(tmp_path: Path, keys: Keys) -> None:
+    """A read-only view of bytes (what the gateway's codec hands out) is immutable and kept
+    as it is; a view of a bytearray is copied when added: changing the buffer afterwards
+    does not change what was recorded."""
+    writer = RecordingWriter(session_id=SESSION, header=HEADER, signing_key=keys.key, clock=Clock())
+    cctx = new_compressor()
+    read = b"0123456789"
+    buffer = bytearray(b"abc")
+    writer.add_to_client(memoryview(read)[2:6])
+    writer.add_to_client(memoryview(buffer))
+    writer.add_to_gateway(buffer)
+    buffer[:] = b"xyz"
+    frames = [writer.flush(cctx), writer.close("client_closed", cctx)]
+    path = tmp_path / "v.l4rec.zst"
+    path.write_bytes(b"".join(frames))
+    for direction, expected in ((Direction.TO_CLIENT, b"2345abc"), (Direction.TO_GATEWAY, b"abc")):
+        out = io.BytesIO()
+        assert dump(path, direction, out, trusted=keys.trusted).verdict.status is VerifyStatus.INTACT
+        assert out.getvalue() == expected
+
+
 def test_byte_records_of_every_size_round_trip(tmp_path: Path, keys: Keys) -> None:
     """Empty, tiny and maximal writes both ways, over several flushes: the recording verifies
     and dumps byte-exact, and the trailer's digests match."""

@@ -309,13 +309,14 @@ def conversation() -> Talk:
     return t
 
 
-def replay(who: Role, chunks: Iterable[bytes], sent: bytearray | None = None) -> list[Event]:
+def replay(who: Role, chunks: Iterable[bytes], sent: bytearray | None = None, *,
+           data_views: bool = False) -> list[Event]:
     """Feed ``chunks`` to a fresh ``who`` connection, making its recorded sends on time.
 
     What those sends encode to is appended to ``sent``.
     """
     t = conversation()
-    conn = wire.Connection(who)
+    conn = wire.Connection(who, data_views=data_views)
     todo = deque(t.sends[who])
     events: list[Event] = []
     fed = 0
@@ -397,6 +398,15 @@ def test_split_with_bytes_and_bytearray_reads(who: Role, data: st.DataObject) ->
     chunks = [stream[a:b] if k else bytearray(stream[a:b])
               for (a, b), k in zip(itertools.pairwise(bounds), kinds, strict=False)]
     assert normalise(replay(who, chunks)) == normalise(conversation().received[who])
+    # the same with DATA pieces handed out as views of the reads (the gateway's codecs)
+    events = replay(who, chunks, data_views=True)
+    for event in events:
+        if isinstance(event, Data) and not isinstance(event.data, bytes):
+            view = event.data
+            assert isinstance(view, memoryview) and view.readonly and isinstance(view.obj, bytes)
+    as_bytes = [Data(request_id=e.request_id, data=bytes(e.data), end_stream=e.end_stream)
+                if isinstance(e, Data) else e for e in events]
+    assert normalise(as_bytes) == normalise(conversation().received[who])
 
 
 @pytest.mark.parametrize("kinds", [(bytes, bytes), (bytes, bytearray), (bytearray, bytes)])
@@ -987,3 +997,24 @@ def test_a_data_frame_starting_inside_a_read_kept_in_place_is_parsed_there(
     # only the rest of the last read (a PING) went through the buffer
     assert copied == [len(reads[-1]) - 1400]
     assert server.buffered == 0
+
+
+def test_data_views_hands_out_views_of_the_read_not_copies() -> None:
+    sender, server = wire.Connection(C), wire.Connection(S, data_views=True)
+    assert feed(server, sender.send(Hello(client="t"))) == [Hello(client="t")]
+    welcome = Welcome(server="s", session_id="x")
+    assert feed(sender, server.send(welcome)) == [welcome]
+    put = Request(request_id=1, op=Op.PUT, args={"bucket": "b", "key": "k", "size": 10})
+    assert feed(server, sender.send(put)) == [put]
+    sender.receive_data(server.send(Continue(request_id=1)))
+    drain(sender)
+    frame = (sender.send(Data(request_id=1, data=b"0123456789", end_stream=True))
+             + sender.send(Request(request_id=2, op=Op.PING)))
+    first, rest = frame[: wire.HEADER_SIZE + 3], frame[wire.HEADER_SIZE + 3:]
+    events = feed(server, first) + feed(server, rest)
+    pieces = [e for e in events if isinstance(e, Data)]
+    assert b"".join(bytes(p.data) for p in pieces) == b"0123456789" and pieces[-1].end_stream
+    view = pieces[-1].data
+    assert isinstance(view, memoryview) and view.readonly and view.obj is rest  # no copy
+    assert events[-1] == Request(request_id=2, op=Op.PING)
+    assert wire.Connection(S).data_views is False  # applications get bytes

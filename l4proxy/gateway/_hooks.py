@@ -84,6 +84,10 @@ class Policy(Protocol):
 
 
 class ResponseTransform(Protocol):
+    """Rewrites an event on its way to the client. A ``Data`` event's ``data`` may be a
+    read-only ``memoryview`` of the bytes read from the service (the gateway's codec
+    hands out DATA pieces without copying them): treat it as bytes-like."""
+
     def transform(self, session: SessionInfo, event: Event) -> Event: ...
 
 
@@ -99,10 +103,10 @@ class SessionObserver(Protocol):
 
         An observer may also have ``async def server_parts(self, parts)``: the same for
         one message given in parts (a DATA frame's header and payload, which the gateway
-        sends without joining them). It must take in every part before its first
-        checkpoint, so that a cancelled session never leaves half a frame observed.
-        Without it the observer gets ``server_bytes`` of the joined parts
-        (:func:`observe_server_parts`).
+        sends without joining them; a part may be a read-only ``memoryview`` of the bytes
+        read from the service). It must take in every part before its first checkpoint,
+        so that a cancelled session never leaves half a frame observed. Without it the
+        observer gets ``server_bytes`` of the joined parts (:func:`observe_server_parts`).
         """
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
@@ -112,14 +116,15 @@ class SessionObserver(Protocol):
         """The session ended."""
 
 
-async def observe_server_parts(observer: SessionObserver, parts: Sequence[bytes]) -> None:
+async def observe_server_parts(observer: SessionObserver,
+                               parts: Sequence[bytes | memoryview]) -> None:
     """Show ``observer`` one message sent to the client in parts, whole, in one call:
     its ``server_parts`` if it has one, else ``server_bytes`` of the joined parts."""
     server_parts = getattr(observer, "server_parts", None)
     if server_parts is not None:
         await server_parts(parts)
     else:
-        await observer.server_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+        await observer.server_bytes(b"".join(parts))
 
 
 class AllowAll:
@@ -139,7 +144,7 @@ class NoObserver:
     async def server_bytes(self, data: bytes) -> None:
         return None
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         return None
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:

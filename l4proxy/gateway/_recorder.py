@@ -175,7 +175,7 @@ class SessionRecorder:
         self._writer().add_to_client(data)
         await self._backpressure()
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """One message in parts: every part is recorded before the first checkpoint (a
         session cancelled while the recorder makes it wait never leaves half a frame)."""
         writer = self._writer()

@@ -189,7 +189,7 @@ class _AuditObserver:
     async def server_bytes(self, data: bytes) -> None:
         return None
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         return None
 
     def _write_request(self, decision: Mapping[str, Any] | None) -> None:
@@ -744,7 +744,7 @@ class _SessionStats:
     async def server_bytes(self, data: bytes) -> None:
         self.to_client += len(data)
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         self.to_client += sum(len(p) for p in parts)
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
@@ -772,7 +772,7 @@ class _ByteCounter:
     async def server_bytes(self, data: bytes) -> None:
         self.sent.inc(len(data))
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         self.sent.inc(sum(len(p) for p in parts))
 
     async def event(self, kind: str, fields: Mapping[str, Any]) -> None:
@@ -798,7 +798,7 @@ class _Observers:
         for obs in self.observers:
             await obs.server_bytes(data)
 
-    async def server_parts(self, parts: Sequence[bytes]) -> None:
+    async def server_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         for obs in self.observers:
             await observe_server_parts(obs, parts)
 

@@ -236,7 +236,8 @@ class _CwpSession:
         self.hooks = hooks
         self.control = control
         self.max_hold_seconds = max_hold_seconds
-        self.down = Connection(Role.SERVER, max_read=limits.read_size)
+        # data_views: DATA pieces are views of the read, relayed and recorded without a copy
+        self.down = Connection(Role.SERVER, max_read=limits.read_size, data_views=True)
         self.up: Connection | None = None
         self.upstream: trio.abc.Stream | None = None
         self.client_lock = SendLock()
@@ -434,7 +435,7 @@ class _CwpSession:
             await self.end_client(ErrorCode.UPSTREAM_UNAVAILABLE,
                                   f"target {self.target.name!r} is misconfigured")
             raise SessionEnded("credential unavailable") from None
-        self.up = Connection(Role.CLIENT, max_read=self.limits.read_size)
+        self.up = Connection(Role.CLIENT, max_read=self.limits.read_size, data_views=True)
         try:
             with trio.fail_after(self.limits.upstream_connect_timeout):
                 await self.to_upstream(Hello(client=f"{GATEWAY_NAME}/{self.info.identity.name}"[:255],

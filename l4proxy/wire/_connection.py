@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from ._constants import (
     DEFAULT_MAX_CONTROL_SIZE,
@@ -214,6 +214,10 @@ class Connection:
             read size). The receive buffer never holds more than one incomplete frame
             (header plus at most ``max_frame_payload``) plus one read: feeding more
             without draining :meth:`next_event` is a ``LocalProtocolError``.
+        data_views: hand out the DATA pieces cut from a ``bytes`` read kept in place as
+            ``memoryview`` slices of it instead of ``bytes`` copies (``Data.data`` is then
+            a read-only view of an immutable read; a relay sends and records it as it is).
+            Off by default: applications get ``bytes``.
 
     Raises:
         ValueError: a limit is outside the protocol's floors and ceilings.
@@ -227,10 +231,12 @@ class Connection:
         max_control_size: int = DEFAULT_MAX_CONTROL_SIZE,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_read: int = DEFAULT_MAX_READ,
+        data_views: bool = False,
     ) -> None:
         if not 1 <= max_read <= MAX_FRAME_PAYLOAD_CEILING:
             raise ValueError(f"max_read must be 1..{MAX_FRAME_PAYLOAD_CEILING}")
         self.max_read = max_read
+        self.data_views = data_views
         self.our_role = our_role
         self.their_role = our_role.peer
         limits = Limits(max_frame_payload=max_frame_payload, max_control_size=max_control_size,
@@ -380,7 +386,12 @@ class Connection:
             start = self._dpos
             if self._partial is not None:
                 n = min(len(direct) - start, self._partial.remaining)
-                piece = direct if n == len(direct) else direct[start : start + n]
+                if n == len(direct):
+                    piece = direct
+                elif self.data_views:  # a view of the immutable read, typed as what it reads as
+                    piece = cast(bytes, memoryview(direct)[start : start + n])
+                else:
+                    piece = direct[start : start + n]
                 self._dpos = start + n
                 if self._dpos == len(direct):
                     self._direct = None
@@ -857,7 +868,7 @@ class Connection:
             self._state = ConnState.ERROR
             raise
 
-    def send_data(self, event: Data) -> tuple[bytes, ...]:
+    def send_data(self, event: Data) -> tuple[bytes | memoryview, ...]:
         """:meth:`send` for a DATA event, with the frame's header and payload apart: the
         payload is handed back as it came (not copied into a frame), for a vectored send.
 
@@ -877,7 +888,7 @@ class Connection:
             self._state = ConnState.ERROR
             raise
 
-    def _send_data(self, us: Role, event: Data) -> tuple[bytes, ...]:
+    def _send_data(self, us: Role, event: Data) -> tuple[bytes | memoryview, ...]:
         rid = event.request_id
         self._check_header(us, FrameType.DATA, int(FrameFlag.END_STREAM if event.end_stream
                            else FrameFlag.NONE), 0, rid, len(event.data))
@@ -892,7 +903,11 @@ class Connection:
         assert new is not None
         self._set_stream(rid, stream, new)
         flags = FrameFlag.END_STREAM if event.end_stream else FrameFlag.NONE
-        data = event.data if type(event.data) is bytes else bytes(event.data)
+        # bytes, or a read-only view of bytes (data_views): immutable, sent as it is
+        data: bytes | memoryview = event.data
+        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly
+                                            and data.format == "B"):
+            data = bytes(data)
         return encode_header(FrameType.DATA, flags, rid, len(data)), data
 
     def _encode_control(self, ftype: FrameType, obj: Mapping[str, Any], rid: int,
