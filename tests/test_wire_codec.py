@@ -1018,3 +1018,16 @@ def test_data_views_hands_out_views_of_the_read_not_copies() -> None:
     assert isinstance(view, memoryview) and view.readonly and view.obj is rest  # no copy
     assert events[-1] == Request(request_id=2, op=Op.PING)
     assert wire.Connection(S).data_views is False  # applications get bytes
+
+
+def test_data_lengths_count_bytes_whatever_the_buffer() -> None:
+    import array
+
+    client, server = _uploading()  # a PUT of 10 bytes
+    words = memoryview(array.array("H", [0x3130, 0x3332, 0x3534]))  # 3 items, 6 bytes
+    frame = client.send(Data(request_id=1, data=words))  # type: ignore[arg-type]
+    assert len(frame) == wire.HEADER_SIZE + 6
+    parts = client.send_data(Data(request_id=1, data=memoryview(b"6789")[:4], end_stream=True))
+    assert isinstance(parts[1], memoryview) and len(parts[1]) == 4  # a read-only byte view: as is
+    assert [e.data for e in feed(server, frame + b"".join(parts)) if isinstance(e, Data)] == \
+        [words.tobytes(), b"6789"]

@@ -889,25 +889,25 @@ class Connection:
             raise
 
     def _send_data(self, us: Role, event: Data) -> tuple[bytes | memoryview, ...]:
+        # bytes, or a read-only byte view (data_views) sent as it is; anything else is
+        # copied first, so that every length below counts bytes
+        data: bytes | memoryview = event.data
+        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly
+                                            and data.format == "B"):
+            data = bytes(data)
         rid = event.request_id
         self._check_header(us, FrameType.DATA, int(FrameFlag.END_STREAM if event.end_stream
-                           else FrameFlag.NONE), 0, rid, len(event.data))
-        swallow, new = self._check_body(us, rid, BodyKind.DATA, event.end_stream,
-                                        len(event.data))
+                           else FrameFlag.NONE), 0, rid, len(data))
+        swallow, new = self._check_body(us, rid, BodyKind.DATA, event.end_stream, len(data))
         if swallow:
             if event.end_stream:
                 self._forget_aborted(rid)
             return ()
         stream = self._streams[rid]
-        stream.seen_size += len(event.data)
+        stream.seen_size += len(data)
         assert new is not None
         self._set_stream(rid, stream, new)
         flags = FrameFlag.END_STREAM if event.end_stream else FrameFlag.NONE
-        # bytes, or a read-only view of bytes (data_views): immutable, sent as it is
-        data: bytes | memoryview = event.data
-        if type(data) is not bytes and not (isinstance(data, memoryview) and data.readonly
-                                            and data.format == "B"):
-            data = bytes(data)
         return encode_header(FrameType.DATA, flags, rid, len(data)), data
 
     def _encode_control(self, ftype: FrameType, obj: Mapping[str, Any], rid: int,
