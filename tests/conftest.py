@@ -164,10 +164,16 @@ def now() -> datetime:
 
 
 @pytest.fixture
-def ca_dir(tmp_path: Path, now: datetime) -> Path:
+def trust_domain() -> str:
+    """The trust domain of :func:`ca_dir` (a test module may override it, with ``now``)."""
+    return TLS_TRUST_DOMAIN
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path, now: datetime, trust_domain: str) -> Path:
     """A fresh CA (``init_ca``) whose server certificate names localhost and 127.0.0.1."""
     d = tmp_path / "certs"
-    init_ca(d, trust_domain=TLS_TRUST_DOMAIN, server_names=["localhost", "127.0.0.1"], now=now)
+    init_ca(d, trust_domain=trust_domain, server_names=["localhost", "127.0.0.1"], now=now)
     return d
 
 

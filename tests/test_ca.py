@@ -76,15 +76,14 @@ def _spki_der(public_key: Any) -> bytes:
 
 
 @pytest.fixture
-def ca_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "certs"
-    init_ca(d, trust_domain=TD, server_names=["localhost", "127.0.0.1"], now=T0)
-    return d
+def now() -> datetime:
+    """conftest's ``ca_dir`` and ``ca``, made at a fixed time in this module's trust domain."""
+    return T0
 
 
 @pytest.fixture
-def ca(ca_dir: Path) -> CertificateAuthority:
-    return CertificateAuthority.load(ca_dir)
+def trust_domain() -> str:
+    return TD
 
 
 def _mint(ca: CertificateAuthority, identity: Identity = ALICE, *, ttl: timedelta = timedelta(minutes=10),
