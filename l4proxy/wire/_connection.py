@@ -860,8 +860,6 @@ class Connection:
             raise LocalProtocolError(f"connection is in the ERROR state: {self._error.message}",
                                      code=self._error.code)
         try:
-            if type(event) is Data:
-                return b"".join(self._send_data(self.our_role, event))
             return self._send(event)
         except LocalProtocolError as exc:
             self._error = exc
@@ -927,7 +925,7 @@ class Connection:
             raise LocalProtocolError(f"{type(event).__name__}: {exc}") from exc
 
     def _send_checked(self, us: Role, event: Event) -> bytes:
-        if isinstance(event, Data):  # a subclass of Data; send() takes Data itself
+        if isinstance(event, Data):
             return b"".join(self._send_data(us, event))
         if isinstance(event, Rows):
             rid = event.request_id
